@@ -1,0 +1,348 @@
+"""Target/context masks of the token grid and the masking curriculum (SPEC section 4).
+
+Everything here runs inside the jitted train step: `grid`, `batch_size` and the mask config
+are static, `step` and the PRNG key are traced. Every strategy hides exactly
+`floor(ratio * L)` of the `L = H * W` tokens (time-major index `t * W + f`), so the index
+arrays handed to the model have static shapes, and context is always the complement of the
+targets (disjoint and covering).
+
+The rectangle-placing strategies (block, time_frequency) are a `lax.scan` over a fixed
+number of attempts. Each attempt draws one rectangle, builds it as a broadcast comparison of
+iota grids against its bounds, and adds it if its new cells fit in the remaining budget;
+the first rectangle that does not fit stops the loop (later attempts add nothing). A top-k
+over random priorities, where cells already masked outrank all others, then tops the mask
+up to exactly the target count with random patches.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+STRATEGIES = ("random", "block", "time_frequency", "multiblock")
+
+# I-JEPA multiblock constants (ablation only; not in the config schema).
+MULTIBLOCK_NUM_TARGETS = 4
+MULTIBLOCK_TARGET_SCALE = (0.15, 0.2)
+MULTIBLOCK_TARGET_ASPECT = (0.75, 1.5)
+MULTIBLOCK_CONTEXT_SCALE = (0.85, 1.0)
+# Block aspect (height along time / width along frequency) ranges.
+BLOCK_VERTICAL_ASPECT = (2.0, 5.0)
+BLOCK_HORIZONTAL_ASPECT = (0.2, 0.5)
+
+
+class MaskParams(NamedTuple):
+  """The hashable (static) form of the `mask` config group."""
+  ratio: float = 0.8
+  probs: tuple[float, float, float] = (0.4, 0.3, 0.3)
+  warmup_start: int = 10_000
+  warmup_end: int = 50_000
+  strategy: str = ""
+  max_attempts: int = 150
+  block_scale: tuple[float, float] = (0.01, 0.05)
+  stripe_max_time: int = 40
+
+
+class Masks(NamedTuple):
+  context: jax.Array   # int32 [B, Lc] sorted token indices
+  target: jax.Array    # int32 [B, Lt] sorted token indices
+  strategy: jax.Array  # int32 scalar id into STRATEGIES
+
+
+def mask_params(mask_cfg) -> MaskParams:
+  """`MaskParams` from a `config.mask` ConfigDict (or a MaskParams, returned as is)."""
+  if isinstance(mask_cfg, MaskParams):
+    return mask_cfg
+  try:
+    params = MaskParams(
+        ratio=float(mask_cfg.ratio),
+        probs=tuple(float(p) for p in mask_cfg.probs),
+        warmup_start=int(mask_cfg.warmup_start),
+        warmup_end=int(mask_cfg.warmup_end),
+        strategy=str(mask_cfg.strategy),
+        max_attempts=int(mask_cfg.max_attempts),
+        block_scale=tuple(float(s) for s in mask_cfg.block_scale),
+        stripe_max_time=int(mask_cfg.stripe_max_time))
+  except AttributeError as e:
+    raise ValueError(f"mask config: missing field ({e})") from e
+  if params.strategy and params.strategy not in STRATEGIES:
+    raise ValueError(f"mask.strategy: unknown strategy {params.strategy!r}; "
+                     f"known: {STRATEGIES}")
+  if len(params.probs) != 3:
+    raise ValueError(f"mask.probs={params.probs} must have 3 entries "
+                     "[random, block, time_frequency]")
+  return params
+
+
+def num_targets(grid: tuple[int, int], ratio: float) -> int:
+  """Number of target tokens: floor(ratio * H * W)."""
+  return int(math.floor(ratio * grid[0] * grid[1]))
+
+
+def strategy_probs(step, mask_cfg) -> jax.Array:
+  """float32 [4] probabilities over STRATEGIES at `step` (the curriculum)."""
+  p = mask_params(mask_cfg)
+  if p.strategy:
+    return jax.nn.one_hot(STRATEGIES.index(p.strategy), len(STRATEGIES), dtype=jnp.float32)
+  step = jnp.asarray(step, jnp.float32)
+  span = max(p.warmup_end - p.warmup_start, 1)
+  frac = jnp.clip((step - p.warmup_start) / span, 0.0, 1.0)
+  p_block, p_tf = frac * p.probs[1], frac * p.probs[2]
+  ramp = jnp.stack([1.0 - p_block - p_tf, p_block, p_tf, jnp.zeros_like(frac)])
+  final = jnp.asarray(p.probs + (0.0,), jnp.float32)
+  # After the ramp the configured probabilities exactly (no float round-off in `random`).
+  return jnp.where(step >= p.warmup_end, final, ramp).astype(jnp.float32)
+
+
+def _rect_mask(grid, top, left, h, w) -> jax.Array:
+  """bool [H, W]: the rectangle [top, top+h) x [left, left+w)."""
+  t = jnp.arange(grid[0])[:, None]
+  f = jnp.arange(grid[1])[None, :]
+  return (t >= top) & (t < top + h) & (f >= left) & (f < left + w)
+
+
+def _randint(rng, low, high):
+  """A uniform int32 in [low, high) for traced bounds."""
+  return jax.random.randint(rng, (), low, high, dtype=jnp.int32)
+
+
+def _block_rectangle(rng, grid, block_scale, remaining):
+  """One block attempt: (top, left, h, w) int32 scalars.
+
+  Area fraction U(block_scale) of the grid, capped by `remaining` cells; with p=0.5
+  vertical (h/w ~ U(2, 5)) else horizontal (h/w ~ U(0.2, 0.5)); h runs along time.
+  """
+  k_area, k_dir, k_ar, k_top, k_left = jax.random.split(rng, 5)
+  height, width = grid
+  area = jax.random.uniform(k_area, (), minval=block_scale[0], maxval=block_scale[1])
+  area = jnp.minimum(area * height * width, jnp.asarray(remaining, jnp.float32))
+  vertical = jax.random.bernoulli(k_dir)
+  lo = jnp.where(vertical, BLOCK_VERTICAL_ASPECT[0], BLOCK_HORIZONTAL_ASPECT[0])
+  hi = jnp.where(vertical, BLOCK_VERTICAL_ASPECT[1], BLOCK_HORIZONTAL_ASPECT[1])
+  ar = jax.random.uniform(k_ar, (), minval=lo, maxval=hi)
+  # int() truncation as in the release, then clipped to the grid (at least one cell).
+  h = jnp.clip(jnp.floor(jnp.sqrt(area) * jnp.sqrt(ar)).astype(jnp.int32), 1, height)
+  w = jnp.clip(jnp.floor(jnp.sqrt(area) / jnp.sqrt(ar)).astype(jnp.int32), 1, width)
+  return _randint(k_top, 0, height - h + 1), _randint(k_left, 0, width - w + 1), h, w
+
+
+def _stripe_rectangle(rng, grid, stripe_max_time):
+  """One time-frequency attempt: (top, left, h, w) int32 scalars.
+
+  With p = H / (H + W) a time stripe of U{1..stripe_max_time} consecutive time steps over
+  all frequencies; otherwise a frequency stripe one band wide over all time.
+  """
+  k_kind, k_len, k_top, k_left = jax.random.split(rng, 4)
+  height, width = grid
+  is_time = jax.random.bernoulli(k_kind, height / (height + width))
+  length = jnp.minimum(_randint(k_len, 1, stripe_max_time + 1), height)
+  top = jnp.where(is_time, _randint(k_top, 0, height - length + 1), 0)
+  left = jnp.where(is_time, 0, _randint(k_left, 0, width))
+  h = jnp.where(is_time, length, height)
+  w = jnp.where(is_time, width, 1)
+  return top, left, h, w
+
+
+def _top_up(rng, preference, count) -> jax.Array:
+  """bool [L]: exactly `count` cells, highest `preference` level first, random within."""
+  priority = preference.astype(jnp.float32) + jax.random.uniform(rng, preference.shape)
+  _, idx = jax.lax.top_k(priority, count)
+  return jnp.zeros(preference.shape, bool).at[idx].set(True)
+
+
+def _place_rectangles(rng, grid, budget, max_attempts, draw) -> jax.Array:
+  """bool [H*W] with exactly `budget` cells: budgeted rectangles, then random top-up.
+
+  `draw(rng, remaining)` returns one rectangle (top, left, h, w).
+  """
+  k_attempts, k_fill = jax.random.split(rng)
+
+  def attempt(state, key):
+    mask, count, stopped = state
+    rect = _rect_mask(grid, *draw(key, budget - count))
+    new = jnp.sum(rect & ~mask, dtype=jnp.int32)
+    stopped = stopped | (count + new > budget)
+    mask = jnp.where(stopped, mask, mask | rect)
+    count = jnp.where(stopped, count, count + new)
+    return (mask, count, stopped), None
+
+  init = (jnp.zeros(grid, bool), jnp.int32(0), jnp.bool_(False))
+  (mask, _, _), _ = jax.lax.scan(attempt, init, jax.random.split(k_attempts, max_attempts))
+  return _top_up(k_fill, mask.reshape(-1), budget)
+
+
+def _random_mask(rng, grid, p: MaskParams) -> jax.Array:
+  length = grid[0] * grid[1]
+  perm = jax.random.permutation(rng, length)
+  # First part context, the rest targets.
+  return jnp.zeros(length, bool).at[perm[length - num_targets(grid, p.ratio):]].set(True)
+
+
+def _block_mask(rng, grid, p: MaskParams) -> jax.Array:
+  draw = lambda k, remaining: _block_rectangle(k, grid, p.block_scale, remaining)
+  return _place_rectangles(rng, grid, num_targets(grid, p.ratio), p.max_attempts, draw)
+
+
+def _time_frequency_mask(rng, grid, p: MaskParams) -> jax.Array:
+  # Stripes have a fixed shape (not capped by the remaining budget); a stripe with too
+  # many new cells stops the loop like any rectangle.
+  draw = lambda k, remaining: _stripe_rectangle(k, grid, p.stripe_max_time)
+  return _place_rectangles(rng, grid, num_targets(grid, p.ratio), p.max_attempts, draw)
+
+
+def _multiblock_rectangle(rng, grid, scale, aspect):
+  """An I-JEPA block (top, left, h, w) whose area survives clipping to a narrow grid."""
+  k_scale, k_ar, k_top, k_left = jax.random.split(rng, 4)
+  height, width = grid
+  area = jax.random.uniform(k_scale, (), minval=scale[0], maxval=scale[1]) * height * width
+  ar = jax.random.uniform(k_ar, (), minval=aspect[0], maxval=aspect[1])
+  # I-JEPA rounds sqrt(area / ar) for the width; when the grid is narrower than that (8
+  # frequency bands) the block grows along time instead so it keeps its area.
+  w = jnp.clip(jnp.round(jnp.sqrt(area / ar)).astype(jnp.int32), 1, width)
+  h = jnp.clip(jnp.round(area / w).astype(jnp.int32), 1, height)
+  return _randint(k_top, 0, height - h + 1), _randint(k_left, 0, width - w + 1), h, w
+
+
+def _multiblock_mask(rng, grid, p: MaskParams) -> jax.Array:
+  """I-JEPA multiblock adapted to a non-square grid with static counts (ablation).
+
+  Adaptations: (1) I-JEPA clamps its context block to a square, which on a 256 x 8 grid
+  keeps ~30% of it; here the context block spans all frequencies and scale * H time steps,
+  so it keeps 85-100% of the grid as intended. Target blocks keep their area when the
+  grid is too narrow (see `_multiblock_rectangle`). (2) Counts are forced static: targets
+  are the union of the 4 target blocks, trimmed at random or topped up to exactly
+  floor(ratio * L), first with cells outside the context block (which I-JEPA would leave
+  unused) and then from the context block; context is the complement.
+  """
+  height, width = grid
+  k_targets, k_ctx_scale, k_ctx_top, k_fill = jax.random.split(rng, 4)
+  rects = jax.vmap(lambda k: _rect_mask(grid, *_multiblock_rectangle(
+      k, grid, MULTIBLOCK_TARGET_SCALE, MULTIBLOCK_TARGET_ASPECT)))(
+          jax.random.split(k_targets, MULTIBLOCK_NUM_TARGETS))
+  targets = jnp.any(rects, axis=0)
+  ctx_scale = jax.random.uniform(k_ctx_scale, (), minval=MULTIBLOCK_CONTEXT_SCALE[0],
+                                 maxval=MULTIBLOCK_CONTEXT_SCALE[1])
+  ctx_h = jnp.clip(jnp.round(ctx_scale * height).astype(jnp.int32), 1, height)
+  context_block = _rect_mask(grid, _randint(k_ctx_top, 0, height - ctx_h + 1), 0, ctx_h, width)
+  # Preference: target blocks (2) > outside the context block (1) > context block (0).
+  preference = jnp.where(targets, 2, jnp.where(context_block, 0, 1))
+  return _top_up(k_fill, preference.reshape(-1), num_targets(grid, p.ratio))
+
+
+_GENERATORS = {
+    "random": _random_mask,
+    "block": _block_mask,
+    "time_frequency": _time_frequency_mask,
+    "multiblock": _multiblock_mask,
+}
+
+
+def sample_target_mask(rng, strategy: str, grid, mask_cfg) -> jax.Array:
+  """bool [H*W] (index t*W + f) with exactly floor(ratio * L) targets; one sample."""
+  if strategy not in _GENERATORS:
+    raise ValueError(f"strategy: unknown strategy {strategy!r}; known: {STRATEGIES}")
+  return _GENERATORS[strategy](rng, tuple(grid), mask_params(mask_cfg))
+
+
+def _to_indices(target: jax.Array, num_target: int) -> tuple[jax.Array, jax.Array]:
+  """[B, L] bool -> sorted context [B, L - n] and target [B, n] int32 indices."""
+  # A stable argsort on "not target" lists targets first, each part in index order.
+  order = jnp.argsort(~target, axis=-1, stable=True).astype(jnp.int32)
+  return order[:, num_target:], order[:, :num_target]
+
+
+def sample_masks(rng, step, grid, batch_size: int, mask_cfg) -> Masks:
+  """A batch of masks: one strategy per batch drawn from the curriculum at `step`.
+
+  Jittable with `rng` and `step` traced; `grid`, `batch_size` and `mask_cfg` are static
+  (pass a `MaskParams` where a hashable static argument is needed).
+  """
+  p = mask_params(mask_cfg)
+  grid = tuple(grid)
+  k_strategy, k_masks = jax.random.split(rng)
+  keys = jax.random.split(k_masks, batch_size)
+  batched = [jax.vmap(lambda k, g=_GENERATORS[name]: g(k, grid, p)) for name in STRATEGIES]
+  if p.strategy:
+    # Fixed strategy: compile only its generator.
+    strategy = jnp.int32(STRATEGIES.index(p.strategy))
+    target = batched[STRATEGIES.index(p.strategy)](keys)
+  else:
+    logits = jnp.log(strategy_probs(step, p))
+    strategy = jax.random.categorical(k_strategy, logits).astype(jnp.int32)
+    target = jax.lax.switch(strategy, batched, keys)
+  context, target_idx = _to_indices(target, num_targets(grid, p.ratio))
+  return Masks(context=context, target=target_idx, strategy=strategy)
+
+
+def masks_to_bool(masks: Masks, grid) -> tuple[np.ndarray, np.ndarray]:
+  """(target, context) bool [B, H*W] NumPy arrays from index masks."""
+  length = grid[0] * grid[1]
+  target = np.zeros((masks.target.shape[0], length), bool)
+  context = np.zeros_like(target)
+  np.put_along_axis(target, np.asarray(masks.target), True, axis=1)
+  np.put_along_axis(context, np.asarray(masks.context), True, axis=1)
+  return target, context
+
+
+def _summary(values: np.ndarray) -> dict:
+  return dict(min=float(values.min()), max=float(values.max()),
+              mean=float(values.mean()), std=float(values.std()))
+
+
+def mask_statistics(masks_bool: np.ndarray, grid=None, ratio: float = 0.8,
+                    context_bool: np.ndarray | None = None) -> dict:
+  """JSON-able statistics of target masks [N, H*W] (or [N, H, W]) bool.
+
+  `grid` (H, W) is needed for the per-row/column summaries of a flat [N, H*W] input;
+  `context_bool` (same shape) enables the disjoint/coverage checks against real context
+  masks (without it the context is taken as the complement, which passes trivially).
+  """
+  masks = np.asarray(masks_bool, bool)
+  if masks.ndim == 3:
+    grid = grid or masks.shape[1:]
+  elif masks.ndim != 2:
+    raise ValueError(f"masks_bool: expected [N, H*W] or [N, H, W], got shape {masks.shape}")
+  masks = masks.reshape(masks.shape[0], -1)
+  length = masks.shape[1]
+  if grid is not None and grid[0] * grid[1] != length:
+    raise ValueError(f"grid={tuple(grid)} does not match {length} tokens per mask")
+  context = ~masks if context_bool is None else np.asarray(context_bool, bool).reshape(
+      masks.shape)
+  counts = masks.sum(axis=1)
+  expected = int(math.floor(ratio * length))
+  stats = dict(
+      n=int(masks.shape[0]),
+      tokens=int(length),
+      expected_count=expected,
+      target_count=dict(min=int(counts.min()), max=int(counts.max()),
+                        mean=float(counts.mean())),
+      all_exact=bool(np.all(counts == expected)),
+      disjoint=bool(not np.any(masks & context)),
+      coverage=bool(np.all(masks | context)),
+  )
+  if grid is not None:
+    per_cell = masks.reshape(-1, grid[0], grid[1]).mean(axis=0)
+    stats["grid"] = [int(grid[0]), int(grid[1])]
+    stats["time_row_target_fraction"] = _summary(per_cell.mean(axis=1))
+    stats["freq_column_target_fraction"] = [float(x) for x in per_cell.mean(axis=0)]
+  return stats
+
+
+def draw_masks_png(target_masks: np.ndarray, grid, path: str, titles=None) -> None:
+  """Draw target masks [K, H*W] as images (time on x, frequency on y) into a PNG."""
+  from matplotlib.figure import Figure  # no pyplot: no global backend state (Agg canvas)
+
+  masks = np.asarray(target_masks, bool).reshape(-1, grid[0], grid[1])
+  if titles is not None and len(titles) != len(masks):
+    raise ValueError(f"titles: {len(titles)} titles for {len(masks)} masks")
+  fig = Figure(figsize=(10, 0.3 + 1.0 * len(masks)), layout="constrained")
+  axes = fig.subplots(len(masks), 1, squeeze=False)[:, 0]
+  for i, (ax, mask) in enumerate(zip(axes, masks)):
+    ax.imshow(mask.T, origin="lower", aspect="auto", cmap="gray_r", interpolation="nearest")
+    ax.set_ylabel("freq")
+    ax.set_title(titles[i] if titles is not None else f"mask {i}", fontsize=8)
+  axes[-1].set_xlabel("time patch (dark = target)")
+  fig.savefig(path, dpi=100)
