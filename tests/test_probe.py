@@ -1,0 +1,247 @@
+"""Tests of the MARBLE probe (pupujepa_jax/probe.py) on synthetic features in tmp_path."""
+import csv
+import json
+import os
+
+import mir_eval
+import numpy as np
+import pytest
+
+from pupujepa_jax import probe as pr
+
+N_LAYERS = 3
+DIM = 16
+FAST = {"max_epochs": 40, "patience": 8}
+
+
+def _write(tmp_path, clips):
+  """Writes features and labels.csv; clips: list of (path, label, split, [L+1, n, D])."""
+  feat_dir = tmp_path / "feats"
+  for path, _, _, arr in clips:
+    out = feat_dir / (path + ".npy")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.save(out, arr.astype(np.float32))
+  (feat_dir / "meta.json").write_text(json.dumps({"D": DIM, "L": N_LAYERS - 1}))
+  labels = tmp_path / "labels.csv"
+  with open(labels, "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["path", "label", "split"])
+    for path, label, split, _ in clips:
+      w.writerow([path, label, split])
+  return str(feat_dir), str(labels)
+
+
+def _splits(n_train, n_valid, n_test):
+  return ["train"] * n_train + ["valid"] * n_valid + ["test"] * n_test
+
+
+def _features(rng, signal, signal_layers=(0, 1, 2), n_chunks=None):
+  """[L+1, n_chunks, D]: `signal` (D,) added to noise in the given layers."""
+  n = n_chunks or int(rng.integers(1, 4))
+  arr = rng.normal(size=(N_LAYERS, n, DIM))
+  for layer in signal_layers:
+    arr[layer] += signal
+  return arr
+
+
+def _multiclass_clips(rng, labels, splits, signal_layers=(0, 1, 2), scale=3.0):
+  centers = rng.normal(size=(max(labels) + 1, DIM)) * scale
+  return [(f"d/{i:03d}.wav", f"c{lab}", split,
+           _features(rng, centers[lab], signal_layers))
+          for i, (lab, split) in enumerate(zip(labels, splits))]
+
+
+def test_separable_multiclass_reaches_full_accuracy(tmp_path):
+  rng = np.random.default_rng(0)
+  splits = _splits(90, 30, 60)
+  labels = rng.integers(0, 3, len(splits))
+  feat_dir, labels_csv = _write(tmp_path, _multiclass_clips(rng, labels, splits))
+  out = tmp_path / "res" / "r.json"
+  res = pr.probe_features(feat_dir, labels_csv, "multiclass", out=str(out), **FAST)
+  assert res["test"]["accuracy"] >= 0.95
+  assert res["score"] == res["test"]["accuracy"]
+  assert res["main_metric"] == "accuracy"
+  assert res["classes"] == ["c0", "c1", "c2"]
+  assert res["n_clips"] == {"train": 90, "valid": 30, "test": 60}
+  assert json.loads(out.read_text()) == json.loads(json.dumps(res))
+
+
+def test_random_labels_stay_near_chance(tmp_path):
+  rng = np.random.default_rng(1)
+  splits = _splits(90, 30, 90)
+  clips = [(f"{i}.wav", f"c{rng.integers(0, 3)}", s, _features(rng, 0.0))
+           for i, s in enumerate(splits)]
+  feat_dir, labels_csv = _write(tmp_path, clips)
+  res = pr.probe_features(feat_dir, labels_csv, "multiclass", **FAST)
+  # Chance is 1/3; with 90 test clips its standard deviation is ~0.05.
+  assert 0.1 < res["test"]["accuracy"] < 0.6
+
+
+def test_layer_selection(tmp_path):
+  rng = np.random.default_rng(2)
+  splits = _splits(90, 30, 90)
+  labels = rng.integers(0, 3, len(splits))
+  feat_dir, labels_csv = _write(
+      tmp_path, _multiclass_clips(rng, labels, splits, signal_layers=(2,)))
+  good = pr.probe_features(feat_dir, labels_csv, "multiclass", layer=2, **FAST)
+  bad = pr.probe_features(feat_dir, labels_csv, "multiclass", layer="0", **FAST)
+  mixed = pr.probe_features(feat_dir, labels_csv, "multiclass", layer="all", **FAST)
+  assert good["test"]["accuracy"] >= 0.95 and good["layer"] == 2
+  assert bad["test"]["accuracy"] < 0.6 and bad["layer"] == 0
+  # The learned layer weights find the informative layer among the noise.
+  assert mixed["test"]["accuracy"] >= 0.9
+  with pytest.raises(ValueError, match="layer 3 out of range"):
+    pr.probe_features(feat_dir, labels_csv, "multiclass", layer=3, **FAST)
+
+
+def test_multilabel_planted_signal(tmp_path):
+  rng = np.random.default_rng(3)
+  splits = _splits(150, 50, 100)
+  tags = [f"t{i}" for i in range(4)]
+  vecs = rng.normal(size=(4, DIM)) * 2.0
+  clips = []
+  for i, s in enumerate(splits):
+    on = rng.random(4) < 0.4
+    on[i % 4] = True  # every clip has a tag, every tag appears in every split
+    clips.append((f"{i}.wav", ";".join(t for t, o in zip(tags, on) if o), s,
+                  _features(rng, vecs[on].sum(0))))
+  feat_dir, labels_csv = _write(tmp_path, clips)
+  res = pr.probe_features(feat_dir, labels_csv, "multilabel", probe="linear", lr=1e-2,
+                          **FAST)
+  assert res["classes"] == tags
+  assert res["test"]["roc_auc"] > 0.95 and res["test"]["ap"] > 0.9
+  assert res["score"] == res["test"]["roc_auc"]
+
+
+@pytest.mark.parametrize("planted", [True, False])
+def test_regression_r2(tmp_path, planted):
+  rng = np.random.default_rng(4)
+  splits = _splits(150, 50, 100)
+  proj = rng.normal(size=(DIM, 2))
+  clips = []
+  for i, s in enumerate(splits):
+    base = rng.normal(size=DIM)
+    feats = rng.normal(size=(N_LAYERS, 2, DIM)) * 0.05 + base
+    y = base @ proj * np.array([1.0, 10.0]) + np.array([0.0, 50.0])
+    if not planted:
+      y = rng.normal(size=2)
+    clips.append((f"{i}.wav", f"{y[0]:.6f};{y[1]:.6f}", s, feats))
+  feat_dir, labels_csv = _write(tmp_path, clips)
+  res = pr.probe_features(feat_dir, labels_csv, "regression", probe="linear", lr=1e-2,
+                          **FAST)
+  assert len(res["test"]["r2_per_target"]) == 2
+  assert res["test"]["r2"] == pytest.approx(np.mean(res["test"]["r2_per_target"]))
+  if planted:
+    assert min(res["test"]["r2_per_target"]) > 0.9
+  else:
+    assert res["test"]["r2"] < 0.2
+
+
+def test_key_weighted_score_matches_mir_eval():
+  rng = np.random.default_rng(5)
+  refs = ["C major", "A minor", "G major", "Db major", "F# minor", "Bb minor", "E major"]
+  preds = rng.integers(0, 24, len(refs))
+  # Hand-made: exact (via enharmonic), relative, fifth, parallel.
+  preds[:4] = [pr.KEY_CLASSES.index(k) for k in
+               ("C major", "C major", "D major", "C# major")]
+  got = pr.metrics_for("key", preds, refs, pr.KEY_CLASSES)
+  want = np.mean([mir_eval.key.weighted_score(r, pr.KEY_CLASSES[p])
+                  for r, p in zip(refs, preds)])
+  assert got["weighted_score"] == pytest.approx(want)
+  want_acc = np.mean([mir_eval.key.weighted_score(r, pr.KEY_CLASSES[p]) == 1.0
+                      for r, p in zip(refs, preds)])
+  assert got["accuracy"] == pytest.approx(want_acc)
+  # Logits give the same as their argmax.
+  logits = np.eye(24)[preds] * 3.0
+  assert pr.metrics_for("key", logits, refs, pr.KEY_CLASSES) == got
+
+
+def test_key_task_end_to_end(tmp_path):
+  rng = np.random.default_rng(6)
+  keys = list(pr.KEY_CLASSES)
+  keys[1] = "Db major"  # an enharmonic spelling is the same class as "C# major"
+  centers = rng.normal(size=(24, DIM)) * 3.0
+  clips = []
+  for i in range(24 * 8):
+    k = i % 24
+    s = ("train", "train", "train", "train", "valid", "valid", "test", "test")[i // 24]
+    clips.append((f"{i}.wav", keys[k], s, _features(rng, centers[k])))
+  feat_dir, labels_csv = _write(tmp_path, clips)
+  res = pr.probe_features(feat_dir, labels_csv, "key", probe="linear", lr=1e-2, **FAST)
+  assert res["main_metric"] == "weighted_score"
+  assert res["test"]["accuracy"] > 0.8
+  assert res["test"]["accuracy"] <= res["test"]["weighted_score"] <= 1.0
+
+
+def test_logits_are_averaged_per_clip(tmp_path):
+  rng = np.random.default_rng(7)
+  a, b = np.zeros(DIM), np.zeros(DIM)
+  a[0], b[1] = 3.0, 3.0
+  clips = []
+  for i, s in enumerate(_splits(80, 20, 0)):
+    lab = i % 2
+    clips.append((f"{i}.wav", f"c{lab}", s, _features(rng, (a, b)[lab], n_chunks=2)))
+  # Test clips of class c0: one strong c0 chunk among two weak c1 chunks. Chunk majority
+  # votes c1; the per-clip mean of the (linear) logits says c0.
+  for i in range(20):
+    arr = np.stack([0.3 * b, 6.0 * a, 0.3 * b])[None].repeat(N_LAYERS, 0)
+    clips.append((f"t{i}.wav", "c0", "test", arr + rng.normal(size=arr.shape) * 0.05))
+  feat_dir, labels_csv = _write(tmp_path, clips)
+  res = pr.probe_features(feat_dir, labels_csv, "multiclass", probe="linear", **FAST)
+  assert res["test"]["accuracy"] == 1.0
+  # And the helper itself, on a clip whose chunks disagree.
+  out = np.array([[2.0, 0.0], [0.0, 1.0], [0.0, 1.0], [5.0, 1.0]])
+  np.testing.assert_allclose(pr._clip_mean(out, np.array([0, 0, 0, 1]), 2),
+                             [[2 / 3, 2 / 3], [5.0, 1.0]])
+
+
+def test_same_seed_same_result_and_lr_grid(tmp_path):
+  rng = np.random.default_rng(8)
+  splits = _splits(60, 20, 20)
+  labels = rng.integers(0, 3, len(splits))
+  feat_dir, labels_csv = _write(
+      tmp_path, _multiclass_clips(rng, labels, splits, scale=0.7))
+  kw = dict(lr=(1e-3, 3e-3), seed=3, max_epochs=15, patience=5)
+  first = pr.probe_features(feat_dir, labels_csv, "multiclass", **kw)
+  second = pr.probe_features(feat_dir, labels_csv, "multiclass", **kw)
+  assert first == second
+  assert set(first["lr_grid"]) == {"0.001", "0.003"}
+  assert first["best_lr"] in (1e-3, 3e-3)
+  assert first["valid"]["accuracy"] == max(first["lr_grid"].values())
+  table = pr.format_table([first, second])
+  assert table.count("\n") == 3 and "| multiclass | mlp | all | accuracy |" in table
+
+
+def test_missing_feature_file(tmp_path):
+  rng = np.random.default_rng(9)
+  splits = _splits(4, 2, 2)
+  feat_dir, labels_csv = _write(
+      tmp_path, _multiclass_clips(rng, [0, 1] * 4, splits))
+  os.remove(os.path.join(feat_dir, "d", "005.wav.npy"))
+  with pytest.raises(ValueError, match=r"missing feature file .*005\.wav\.npy"):
+    pr.probe_features(feat_dir, labels_csv, "multiclass", **FAST)
+
+
+def test_unknown_class_in_test(tmp_path):
+  rng = np.random.default_rng(10)
+  feat_dir, labels_csv = _write(
+      tmp_path, _multiclass_clips(rng, [0, 1, 0, 1, 0, 1, 0, 2], _splits(4, 2, 2)))
+  with pytest.raises(ValueError, match=r"unknown class 'c2' in split 'test'"):
+    pr.probe_features(feat_dir, labels_csv, "multiclass", **FAST)
+
+
+def test_unknown_key_label(tmp_path):
+  rng = np.random.default_rng(11)
+  clips = [(f"{i}.wav", k, s, _features(rng, 0.0)) for i, (k, s) in enumerate(
+      zip(["C major", "A minor", "C major", "H major"], _splits(2, 1, 1)))]
+  feat_dir, labels_csv = _write(tmp_path, clips)
+  with pytest.raises(ValueError, match=r"unknown key class 'H major' in split 'test'"):
+    pr.probe_features(feat_dir, labels_csv, "key", **FAST)
+
+
+def test_empty_split(tmp_path):
+  rng = np.random.default_rng(12)
+  feat_dir, labels_csv = _write(
+      tmp_path, _multiclass_clips(rng, [0, 1, 0, 1], ["train", "train", "test", "test"]))
+  with pytest.raises(ValueError, match=r"split 'valid' is empty"):
+    pr.probe_features(feat_dir, labels_csv, "multiclass", **FAST)
