@@ -54,6 +54,7 @@ def model_config(variant: str = "tiny", **overrides) -> ml_collections.ConfigDic
       drop_path=0.0,          # stochastic depth rate at the last block (linear in depth)
       pos_embed="rope",       # "rope" (released) or "sincos" (2-D absolute, ablation)
       rope_max_res=224.0,     # timm RotaryEmbeddingCat(in_pixels=True) max_res (unknown)
+      rope_linear_bands=True, # linearly spaced rotary frequency bands (SPEC section 3)
   ))
   cfg.update(overrides)
   return cfg
