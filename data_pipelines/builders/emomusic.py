@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import pathlib
 
+import numpy as np
 import tensorflow_datasets as tfds
 
 from data_pipelines.builders import base
@@ -52,8 +53,8 @@ class MarbleEmomusic(base.MarbleBuilder, skip_registration=True):
   CSV_LABELS = ("valence", "arousal")
 
   def label_features(self):
-    return {"valence": tfds.features.Scalar(dtype="float32"),
-            "arousal": tfds.features.Scalar(dtype="float32")}
+    return {"valence": tfds.features.Scalar(dtype=np.float32),
+            "arousal": tfds.features.Scalar(dtype=np.float32)}
 
   @classmethod
   def list_examples(cls, manual_dir, config=None) -> base.Listing:
