@@ -248,3 +248,19 @@ def test_build_reuses_a_prepared_dataset(prepared):
   again = builders.build("gtzan", root, pathlib.Path(builder.data_dir).parents[1])
   assert info.stat().st_mtime_ns == before
   assert len(again.as_data_source()["train"]) == 2
+
+
+def test_giantsteps_single_folder_layout_and_hidden_files(tmp_path):
+  expected = {}
+  for i, (text, key) in enumerate(marble.KEY_TEXTS * 2):
+    marble.write_audio(tmp_path / "audio" / f"{i}.LOFI.mp3", i, seconds=0.2)
+    (tmp_path / "annotations" / "key").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "annotations" / "key" / f"{i}.LOFI.key").write_text(text)
+    split = base.hash_split(f"{i}.LOFI.mp3", (("train", 0.8), ("valid", 0.1), ("test", 0.1)))
+    expected[f"audio/{i}.LOFI.mp3"] = (split, {"key": key})
+  (tmp_path / "audio" / "._0.LOFI.mp3").write_bytes(b"macOS resource fork")
+  listing = giantsteps_key.MarbleGiantstepsKey.list_examples(tmp_path)
+  assert {e.path: (e.split, e.labels) for e in listing.examples} == expected
+  (tmp_path / "annotations" / "key" / "3.LOFI.key").unlink()
+  with pytest.raises(FileNotFoundError, match="3.LOFI.key"):
+    giantsteps_key.MarbleGiantstepsKey.list_examples(tmp_path)

@@ -86,6 +86,13 @@ def find_one(root: pathlib.Path, pattern: str, what: str, *, dirs: bool = False)
   return found[0]
 
 
+def visible_files(root: pathlib.Path, pattern: str) -> list[pathlib.Path]:
+  """Sorted files matching `pattern` under `root`, without hidden ones (`.x`, `._x` or
+  `__MACOSX/`, which macOS zips add) below `root`."""
+  return sorted(p for p in root.glob(pattern) if p.is_file() and not any(
+      part.startswith(".") or part == "__MACOSX" for part in p.relative_to(root).parts))
+
+
 def relpath(path: pathlib.Path, root: pathlib.Path) -> str:
   return path.relative_to(root).as_posix()
 

@@ -10,9 +10,9 @@ train/valid is a deterministic hash split of the mtg-key tracks (90 / 10 by file
 A single dataset laid out directly in the manual dir (`audio/` + `annotations/key/`) is
 also accepted and split 80 / 10 / 10 by the same hash. A `.key` file holds one key such as
 `Eb minor` (tonic spelled with sharps or flats, any case); it is normalised to one of the
-24 names in KEYS, which `mir_eval.key.weighted_score` reads. Each audio file needs its
-`.key` file; annotations without audio are skipped (the mtg-key audio is fetched by a
-script and some previews may be missing).
+24 names in KEYS (`D# minor`), which `mir_eval.key.weighted_score` reads. Each audio file
+needs its `.key` file; annotations without audio are skipped (the mtg-key audio is fetched
+by a script and some previews may be missing).
 """
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ import tensorflow_datasets as tfds
 
 from data_pipelines.builders import base
 
-TONICS = ("C", "Db", "D", "Eb", "E", "F", "Gb", "G", "Ab", "A", "Bb", "B")
+# Sharp spellings and order as pupujepa_jax.probe.KEY_CLASSES (mir_eval reads either).
+TONICS = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
 KEYS = tuple(f"{tonic} {mode}" for mode in ("major", "minor") for tonic in TONICS)
 MTG_KEY_DIR = "giantsteps-mtg-key-dataset"
 KEY_DIR = "giantsteps-key-dataset"
@@ -31,7 +32,7 @@ _MODES = {"major": "major", "maj": "major", "minor": "minor", "min": "minor"}
 
 
 def parse_key(text: str, where) -> str:
-  """'eb  Minor' / 'D#\\tmin' -> 'Eb minor'; anything else is an error naming `where`."""
+  """'eb  Minor' / 'D#\\tmin' -> 'D# minor'; anything else is an error naming `where`."""
   parts = text.split()
   if len(parts) == 2 and parts[1].lower() in _MODES:
     tonic = parts[0][:1].upper() + parts[0][1:].lower()
@@ -51,7 +52,7 @@ def _tracks(dataset_dir: pathlib.Path, manual_dir: pathlib.Path, what: str):
   audio_dir = base.require_dir(dataset_dir / "audio", what)
   key_dir = base.require_dir(dataset_dir / "annotations" / "key", what)
   tracks = []
-  for audio in sorted(p for p in audio_dir.glob("*.mp3") if p.is_file()):
+  for audio in base.visible_files(audio_dir, "*.mp3"):
     key_file = base.require_file(key_dir / f"{audio.stem}.key", f"{what} (key of {audio.name})")
     tracks.append((base.relpath(audio, manual_dir), parse_key(key_file.read_text(), key_file)))
   if not tracks:

@@ -6,7 +6,8 @@ uses, as published in jongpillee/music_dataset_split (`{train,valid,test}_filter
 and in torchaudio's GTZAN dataset. It is stored here as track-number ranges. When the
 manual dir holds `train_filtered.txt`, `valid_filtered.txt` and `test_filtered.txt`
 (lines `blues/blues.00029.wav`), those files are used instead. Tracks on disk that are
-in no split are skipped; listed tracks missing on disk are skipped too (partial copies).
+in no split are skipped; listed tracks missing on disk are skipped too (partial copies;
+e.g. delete `jazz.00054.wav` where it is corrupt, as in some redistributed copies).
 """
 from __future__ import annotations
 
@@ -115,7 +116,7 @@ class MarbleGtzan(base.MarbleBuilder, skip_registration=True):
     genres_dir = base.require_dir(manual_dir / "genres", "GTZAN")
     track_split = _split_from_files(manual_dir) or filtered_split()
     examples = []
-    for path in sorted(genres_dir.glob("*/*.wav")):
+    for path in base.visible_files(genres_dir, "*/*.wav"):
       match = _TRACK.match(path.stem)
       if not match or match["genre"] != path.parent.name or match["genre"] not in GENRES:
         raise ValueError(f"GTZAN: {path} is not named <genre>/<genre>.000NN.wav with a "

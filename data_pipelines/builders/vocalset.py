@@ -60,7 +60,7 @@ class MarbleVocalset(base.MarbleBuilder, skip_registration=True):
       raise ValueError(f"VocalSet: unknown config {config!r}, expected technique or singer")
     root = manual_dir / "FULL" if (manual_dir / "FULL").is_dir() else manual_dir
     examples = []
-    for path in sorted(base.require_dir(root, "VocalSet").rglob("*.wav")):
+    for path in base.visible_files(base.require_dir(root, "VocalSet"), "**/*.wav"):
       parts = path.relative_to(root).parts
       if len(parts) != 4 or not _SINGER.match(parts[0]):
         raise ValueError(f"VocalSet: {path} is not at <singer>/<context>/<technique>/<file>"
