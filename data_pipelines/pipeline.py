@@ -1,0 +1,215 @@
+"""The pretraining input pipeline (Grain): audio records -> random crops -> log-mel batches.
+
+    source (TFDS ArrayRecord dataset, or an audio folder decoded on the fly)
+      -> this process's shard (records process_index::process_count)
+      -> seeded shuffle, reshuffled every epoch, repeated forever
+      -> random crop of `samples_for_frames(crop_frames)` samples (short tracks looped or
+         zero-padded), NumPy log-mel front-end (pupujepa_jax.frontend, the one definition)
+      -> local batches {"spectrogram": float32 [batch_size // process_count, frames, mels]}
+      -> `mp_prefetch` worker processes (num_workers > 0)
+
+Every random choice comes from Grain's per-index RNG (seeded from the run seed), so the
+stream is a pure function of (seed, process, step): the same with 0 or N workers, and
+restorable from `iterator.get_state()`. The trainer stores that state in its orbax
+checkpoint next to the model:
+
+    ocp.args.Composite(state=..., data=pipeline.checkpoint_args_save(iterator))   # save
+    ocp.args.Composite(state=..., data=pipeline.checkpoint_args_restore(iterator))  # restore
+
+Grain's handler writes one `process_<i>-of-<n>.json` per JAX process, so each host
+restores its own shard's position. `global_batches` turns the local batches of all
+processes into global jax.Arrays on the training mesh.
+"""
+from __future__ import annotations
+
+import functools
+import pathlib
+
+import grain
+import numpy as np
+
+from data_pipelines import audio as audio_lib
+from data_pipelines import ingest as ingest_lib
+from pupujepa_jax import frontend as frontend_lib
+
+SHORT_POLICIES = ("loop", "pad")
+
+
+class AudioFolderSource:
+  """Random-access records {"audio", "path", "duration"} of an audio folder, decoded on read.
+
+  For small experiments; a decode error stops the pipeline (ingest the folder instead to
+  skip bad files up front).
+  """
+
+  def __init__(self, root, sample_rate: int):
+    self._root = pathlib.Path(root)
+    self._files = [p.relative_to(self._root).as_posix()
+                   for p in audio_lib.list_audio_files(self._root)]
+    self._sample_rate = sample_rate
+
+  def __len__(self) -> int:
+    return len(self._files)
+
+  def __getitem__(self, index: int) -> dict:
+    rel = self._files[index]
+    wave = audio_lib.load_audio(self._root / rel, sample_rate=self._sample_rate)
+    return {"audio": wave, "path": rel, "duration": wave.shape[0] / self._sample_rate}
+
+
+def open_source(data_cfg, frontend_cfg: frontend_lib.FrontendConfig):
+  """The random-access record source the `data` config group names."""
+  if not data_cfg.path:
+    raise ValueError("data.path: empty; set it to a dataset dir (tfds) or audio folder")
+  if data_cfg.source == "folder":
+    return AudioFolderSource(data_cfg.path, frontend_cfg.sample_rate)
+  if data_cfg.source == "tfds":
+    rate = ingest_lib.dataset_sample_rate(data_cfg.path)
+    if rate is not None and rate != frontend_cfg.sample_rate:
+      raise ValueError(f"data.path: dataset {data_cfg.path} holds {rate} Hz audio, the "
+                       f"front-end expects {frontend_cfg.sample_rate} Hz")
+    return ingest_lib.load_data_source(data_cfg.path)
+  raise ValueError(f"data.source: {data_cfg.source!r} not in ('tfds', 'folder')")
+
+
+def draw_offset(num_samples: int, crop_samples: int, short_policy: str,
+                rng: np.random.Generator) -> int:
+  """Start of a uniformly random crop; for a looped short track, a random loop phase."""
+  if num_samples >= crop_samples:
+    return int(rng.integers(0, num_samples - crop_samples + 1))
+  return int(rng.integers(0, num_samples)) if short_policy == "loop" else 0
+
+
+def take_crop(wave: np.ndarray, offset: int, crop_samples: int, short_policy: str) -> np.ndarray:
+  """`crop_samples` samples from `offset`; short tracks are looped or zero-padded at the end."""
+  if wave.shape[0] >= crop_samples:
+    return wave[offset:offset + crop_samples]
+  if short_policy == "loop":
+    reps = -(-(offset + crop_samples) // wave.shape[0])
+    return np.tile(wave, reps)[offset:offset + crop_samples]
+  if short_policy == "pad":
+    return np.pad(wave, (0, crop_samples - wave.shape[0]))
+  raise ValueError(f"data.short_policy: {short_policy!r} not in {SHORT_POLICIES}")
+
+
+class CropLogMel(grain.transforms.RandomMap):
+  """Record -> {"spectrogram": [crop_frames, n_mels]} of a random crop (+ where it came from)."""
+
+  def __init__(self, frontend_cfg: frontend_lib.FrontendConfig, crop_frames: int,
+               short_policy: str, with_metadata: bool = False):
+    self._frontend = frontend_cfg
+    self._crop_samples = frontend_cfg.samples_for_frames(crop_frames)
+    self._short_policy = short_policy
+    self._with_metadata = with_metadata
+
+  def random_map(self, element, rng: np.random.Generator) -> dict:
+    index, record = element
+    wave = ingest_lib.pcm_to_float(record["audio"])
+    if wave.shape[0] == 0:
+      raise ValueError(f"record {index} ({record.get('path')!r}) holds no audio")
+    offset = draw_offset(wave.shape[0], self._crop_samples, self._short_policy, rng)
+    crop = take_crop(wave, offset, self._crop_samples, self._short_policy)
+    out = {"spectrogram": frontend_lib.log_mel_np(crop, self._frontend)}
+    if self._with_metadata:
+      out.update(record_index=np.int64(index), offset=np.int64(offset))
+    return out
+
+
+def _with_record_index(num_records: int, index: int, record) -> tuple[int, dict]:
+  # Later epochs ask Grain's source for index + epoch * len, which it wraps around.
+  return index % num_records, record
+
+
+def _derive_seed(*parts: int) -> int:
+  return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+def _process_shard(process_index, process_count) -> tuple[int, int]:
+  if process_index is None or process_count is None:
+    import jax  # Only the trainer's process needs JAX, never the workers.
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} not in [0, {process_count})")
+  return process_index, process_count
+
+
+def _init_worker(worker_index: int, worker_count: int):
+  """One BLAS thread per worker: the workers already fill the cores, and oversubscribed
+  OpenBLAS threads made the mel matmul ~20x slower on a busy machine."""
+  del worker_index, worker_count
+  import threadpoolctl  # Installed with scikit-learn.
+  threadpoolctl.threadpool_limits(1)
+
+
+def _mark_absl_flags_parsed():
+  # Grain worker processes read absl flags and crash when they were never parsed.
+  from absl import flags
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def make_pretrain_dataset(data_cfg, frontend_cfg: frontend_lib.FrontendConfig, *, seed: int,
+                          process_index: int | None = None, process_count: int | None = None,
+                          with_metadata: bool = False) -> grain.IterDataset:
+  """The pretraining pipeline as a Grain IterDataset (see the module docstring).
+
+  `with_metadata` adds int64 `record_index` (into the source) and `offset` (crop start,
+  samples) per example, for tests and debugging.
+  """
+  process_index, process_count = _process_shard(process_index, process_count)
+  if data_cfg.batch_size % process_count:
+    raise ValueError(f"data.batch_size={data_cfg.batch_size} is not divisible by the "
+                     f"{process_count} processes")
+  if data_cfg.short_policy not in SHORT_POLICIES:
+    raise ValueError(f"data.short_policy: {data_cfg.short_policy!r} not in {SHORT_POLICIES}")
+  source = open_source(data_cfg, frontend_cfg)
+  if len(source) < process_count:
+    raise ValueError(f"data.path: {data_cfg.path} holds {len(source)} records, fewer than "
+                     f"the {process_count} processes that each need a shard")
+  ds = grain.MapDataset.source(source).map_with_index(
+      functools.partial(_with_record_index, len(source)))
+  ds = ds[process_index::process_count]
+  ds = ds.shuffle(seed=_derive_seed(seed, 0)).repeat(None)
+  # Per-process crop seed: hosts draw different offsets for their i-th example.
+  crop = CropLogMel(frontend_cfg, data_cfg.crop_frames, data_cfg.short_policy, with_metadata)
+  ds = ds.random_map(crop, seed=_derive_seed(seed, 1, process_index))
+  ds = ds.batch(data_cfg.batch_size // process_count, drop_remainder=True)
+  # Batching before to_iter_dataset: each worker (or read thread) builds whole batches.
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1,
+                                            prefetch_buffer_size=data_cfg.prefetch_buffer))
+  if data_cfg.num_workers > 0:
+    _mark_absl_flags_parsed()
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=data_cfg.num_workers, per_worker_buffer_size=data_cfg.prefetch_buffer),
+        worker_init_fn=_init_worker)
+  return ds
+
+
+def make_pretrain_iterator(data_cfg, frontend_cfg: frontend_lib.FrontendConfig, *, seed: int,
+                           process_index: int | None = None,
+                           process_count: int | None = None) -> grain.DatasetIterator:
+  """Infinite iterator of local batches {"spectrogram": float32 [local_batch, frames, mels]}.
+
+  `get_state()` / `set_state()` save and restore its position (see checkpoint_args_*).
+  Call `close()` when done if num_workers > 0 (it stops the worker processes).
+  """
+  return iter(make_pretrain_dataset(data_cfg, frontend_cfg, seed=seed,
+                                    process_index=process_index, process_count=process_count))
+
+
+def global_batches(iterator, mesh):
+  """Yield each process's next local batch as global jax.Arrays sharded over the mesh."""
+  from pupujepa_jax import sharding
+  for local_batch in iterator:
+    yield sharding.global_batch(local_batch, mesh)
+
+
+def checkpoint_args_save(iterator):
+  """Orbax args that save the iterator's position (one file per JAX process)."""
+  return grain.checkpoint.CheckpointSave(iterator)
+
+
+def checkpoint_args_restore(iterator):
+  """Orbax args that restore into `iterator` (built with the same config and seed)."""
+  return grain.checkpoint.CheckpointRestore(iterator)

@@ -1,0 +1,246 @@
+"""Tests for data_pipelines.pipeline: the Grain pretraining pipeline."""
+import itertools
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import soundfile
+
+from data_pipelines import ingest as ingest_lib
+from data_pipelines import pipeline
+from pupujepa_jax import config as config_lib
+from pupujepa_jax import frontend as frontend_lib
+from pupujepa_jax import sharding
+
+CROP_FRAMES = 128
+FE = frontend_lib.DEFAULT
+CROP_SAMPLES = FE.samples_for_frames(CROP_FRAMES)
+NUM_RECORDS = 12
+
+
+def _waves():
+  """Noise records; two are shorter than a crop (30720 samples)."""
+  rng = np.random.default_rng(0)
+  lengths = [20_000, 9_000] + [CROP_SAMPLES + 3_000 * i for i in range(NUM_RECORDS - 2)]
+  return [(0.1 * rng.standard_normal(n)).astype(np.float32) for n in lengths]
+
+
+def _write_dataset(data_dir, waves):
+  def examples():
+    for i, wave in enumerate(waves):
+      yield f"{i:04d}", {"audio": ingest_lib.to_int16(wave), "path": f"track{i}.wav",
+                         "duration": wave.shape[0] / FE.sample_rate}
+  ingest_lib.build_array_record_dataset("toy_audio", data_dir, ingest_lib.audio_features(),
+                                        {"train": examples},
+                                        metadata={"sample_rate": FE.sample_rate})
+  return data_dir
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory):
+  return _write_dataset(tmp_path_factory.mktemp("toy"), _waves())
+
+
+def _data_cfg(path, **overrides):
+  data = config_lib.base_config().data
+  data.update(path=str(path), crop_frames=CROP_FRAMES, batch_size=4, num_workers=0,
+              prefetch_buffer=2)
+  data.update(overrides)
+  return data
+
+
+def _take(iterator, n):
+  return [next(iterator) for _ in range(n)]
+
+
+def _assert_same_batches(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for key in x:
+      np.testing.assert_array_equal(x[key], y[key])
+
+
+def test_batches_have_the_promised_shape_and_values(dataset_dir):
+  it = pipeline.make_pretrain_iterator(_data_cfg(dataset_dir), FE, seed=0, process_index=0,
+                                       process_count=1)
+  for batch in _take(it, 4):
+    assert list(batch) == ["spectrogram"]
+    spec = batch["spectrogram"]
+    assert spec.shape == (4, CROP_FRAMES, FE.n_mels) and spec.dtype == np.float32
+    assert np.all(np.isfinite(spec))
+    assert -8 < spec.mean() < 8 and spec.std() > 0.1  # normalised log-mel, not garbage
+
+
+def test_spectrogram_is_the_frontend_of_the_recorded_crop(dataset_dir):
+  source = ingest_lib.load_data_source(dataset_dir)
+  ds = pipeline.make_pretrain_dataset(_data_cfg(dataset_dir), FE, seed=3, process_index=0,
+                                      process_count=1, with_metadata=True)
+  it = iter(ds)
+  seen = set()
+  for batch in _take(it, 6):
+    for spec, index, offset in zip(batch["spectrogram"], batch["record_index"], batch["offset"]):
+      wave = ingest_lib.pcm_to_float(source[int(index)]["audio"])
+      assert 0 <= offset <= max(wave.shape[0] - CROP_SAMPLES, wave.shape[0] - 1)
+      crop = pipeline.take_crop(wave, int(offset), CROP_SAMPLES, "loop")
+      np.testing.assert_array_equal(spec, frontend_lib.log_mel_np(crop, FE))
+      seen.add(int(index))
+  assert len(seen) == NUM_RECORDS  # 24 examples = 2 epochs of 12: every record appears
+
+
+def test_same_seed_same_stream_other_seed_other_stream(dataset_dir):
+  cfg = _data_cfg(dataset_dir)
+  a = _take(pipeline.make_pretrain_iterator(cfg, FE, seed=7, process_index=0, process_count=1), 4)
+  b = _take(pipeline.make_pretrain_iterator(cfg, FE, seed=7, process_index=0, process_count=1), 4)
+  c = _take(pipeline.make_pretrain_iterator(cfg, FE, seed=8, process_index=0, process_count=1), 4)
+  _assert_same_batches(a, b)
+  assert not np.array_equal(a[0]["spectrogram"], c[0]["spectrogram"])
+
+
+def test_epochs_are_reshuffled(dataset_dir):
+  ds = pipeline.make_pretrain_dataset(_data_cfg(dataset_dir), FE, seed=0, process_index=0,
+                                      process_count=1, with_metadata=True)
+  order = np.concatenate([b["record_index"] for b in _take(iter(ds), 6)])
+  first, second = order[:NUM_RECORDS], order[NUM_RECORDS:]
+  assert sorted(first) == sorted(second) == list(range(NUM_RECORDS))
+  assert not np.array_equal(first, second)
+
+
+def test_restored_state_yields_exactly_the_same_batches(dataset_dir):
+  cfg = _data_cfg(dataset_dir)
+  it = pipeline.make_pretrain_iterator(cfg, FE, seed=1, process_index=0, process_count=1)
+  _take(it, 5)  # crosses an epoch boundary (3 batches per epoch)
+  state = it.get_state()
+  expected = _take(it, 4)
+  restored = pipeline.make_pretrain_iterator(cfg, FE, seed=1, process_index=0, process_count=1)
+  restored.set_state(state)
+  _assert_same_batches(_take(restored, 4), expected)
+
+
+def test_orbax_checkpoint_manager_round_trip(dataset_dir, tmp_path):
+  cfg = _data_cfg(dataset_dir)
+  it = pipeline.make_pretrain_iterator(cfg, FE, seed=2, process_index=0, process_count=1)
+  _take(it, 2)
+  with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
+    manager.save(2, args=ocp.args.Composite(data=pipeline.checkpoint_args_save(it)))
+    manager.wait_until_finished()
+  expected = _take(it, 3)
+  fresh = pipeline.make_pretrain_iterator(cfg, FE, seed=2, process_index=0, process_count=1)
+  with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
+    assert manager.latest_step() == 2
+    manager.restore(2, args=ocp.args.Composite(data=pipeline.checkpoint_args_restore(fresh)))
+  _assert_same_batches(_take(fresh, 3), expected)
+
+
+def test_two_processes_read_disjoint_shards_that_cover_the_data(dataset_dir):
+  cfg = _data_cfg(dataset_dir)  # global batch 4 -> local batch 2 per process
+  shards = []
+  for process in range(2):
+    ds = pipeline.make_pretrain_dataset(cfg, FE, seed=0, process_index=process,
+                                        process_count=2, with_metadata=True)
+    batches = _take(iter(ds), 3)
+    assert all(b["spectrogram"].shape == (2, CROP_FRAMES, FE.n_mels) for b in batches)
+    first_epoch = np.concatenate([b["record_index"] for b in batches])
+    assert len(set(first_epoch)) == NUM_RECORDS // 2  # one epoch of its own shard
+    shards.append(set(first_epoch.tolist()))
+  assert not shards[0] & shards[1]
+  assert shards[0] | shards[1] == set(range(NUM_RECORDS))
+
+
+@pytest.mark.parametrize("policy", ["loop", "pad"])
+def test_short_tracks_are_looped_or_padded(tmp_path, policy):
+  wave = (0.2 * np.random.default_rng(1).standard_normal(7_000)).astype(np.float32)
+  _write_dataset(tmp_path, [wave])
+  ds = pipeline.make_pretrain_dataset(_data_cfg(tmp_path, batch_size=3, short_policy=policy),
+                                      FE, seed=0, process_index=0, process_count=1,
+                                      with_metadata=True)
+  batch = next(iter(ds))
+  stored = ingest_lib.pcm_to_float(ingest_lib.to_int16(wave))
+  for spec, offset in zip(batch["spectrogram"], batch["offset"]):
+    if policy == "pad":
+      assert offset == 0
+      crop = np.concatenate([stored, np.zeros(CROP_SAMPLES - stored.shape[0], np.float32)])
+    else:
+      crop = np.roll(np.tile(stored, 5), -int(offset))[:CROP_SAMPLES]
+    np.testing.assert_array_equal(spec, frontend_lib.log_mel_np(crop, FE))
+
+
+def test_take_crop():
+  wave = np.arange(10, dtype=np.float32)
+  np.testing.assert_array_equal(pipeline.take_crop(wave, 3, 4, "loop"), [3, 4, 5, 6])
+  np.testing.assert_array_equal(pipeline.take_crop(wave, 8, 25, "loop"),
+                                [8, 9] + list(range(10)) * 2 + [0, 1, 2])
+  np.testing.assert_array_equal(pipeline.take_crop(wave, 0, 12, "pad"), list(range(10)) + [0, 0])
+  with pytest.raises(ValueError, match="short_policy"):
+    pipeline.take_crop(wave, 0, 12, "wrap")
+
+
+def test_global_batches_on_the_fake_device_mesh(dataset_dir):
+  mesh = sharding.make_mesh(4, 2)
+  cfg = _data_cfg(dataset_dir, batch_size=8)
+  local = _take(pipeline.make_pretrain_iterator(cfg, FE, seed=0, process_index=0,
+                                                process_count=1), 2)
+  it = pipeline.make_pretrain_iterator(cfg, FE, seed=0, process_index=0, process_count=1)
+  for expected, batch in zip(local, itertools.islice(pipeline.global_batches(it, mesh), 2)):
+    spec = batch["spectrogram"]
+    assert isinstance(spec, jax.Array) and spec.shape == (8, CROP_FRAMES, FE.n_mels)
+    assert spec.sharding == sharding.batch_sharding(mesh)
+    assert len(spec.addressable_shards) == 8
+    assert spec.addressable_shards[0].data.shape == (1, CROP_FRAMES, FE.n_mels)
+    np.testing.assert_array_equal(np.asarray(spec), expected["spectrogram"])
+
+
+def test_folder_source_decodes_on_the_fly(tmp_path):
+  rng = np.random.default_rng(2)
+  (tmp_path / "sub").mkdir()
+  soundfile.write(tmp_path / "a.wav", 0.1 * rng.standard_normal((48_000, 2)), 32_000)
+  soundfile.write(tmp_path / "sub" / "b.flac", 0.1 * rng.standard_normal(40_000), 24_000)
+  cfg = _data_cfg(tmp_path, source="folder", batch_size=2)
+  batch = next(pipeline.make_pretrain_iterator(cfg, FE, seed=0, process_index=0,
+                                               process_count=1))
+  assert batch["spectrogram"].shape == (2, CROP_FRAMES, FE.n_mels)
+  assert np.all(np.isfinite(batch["spectrogram"]))
+
+
+def test_bad_configs_name_the_field(dataset_dir, tmp_path):
+  def make(**overrides):
+    overrides.setdefault("path", dataset_dir)
+    pipeline.make_pretrain_iterator(_data_cfg(**overrides), FE, seed=0, process_index=0,
+                                    process_count=3)
+  with pytest.raises(ValueError, match="data.batch_size=4"):
+    make()
+  with pytest.raises(ValueError, match="data.short_policy"):
+    make(batch_size=6, short_policy="wrap")
+  with pytest.raises(ValueError, match="data.source"):
+    make(batch_size=6, source="webdataset")
+  with pytest.raises(ValueError, match="data.path"):
+    make(batch_size=6, path="")
+  with pytest.raises(FileNotFoundError, match="no prepared TFDS dataset"):
+    make(batch_size=6, path=str(tmp_path))
+  one = _write_dataset(tmp_path / "one", _waves()[:2])
+  with pytest.raises(ValueError, match="holds 2 records, fewer than the 3 processes"):
+    make(batch_size=6, path=str(one))
+
+
+@pytest.mark.slow
+def test_worker_processes_give_the_same_stream_and_restore(dataset_dir):
+  in_process = _take(pipeline.make_pretrain_iterator(_data_cfg(dataset_dir), FE, seed=4,
+                                                     process_index=0, process_count=1), 3)
+  cfg = _data_cfg(dataset_dir, num_workers=2)
+  it = pipeline.make_pretrain_iterator(cfg, FE, seed=4, process_index=0, process_count=1)
+  try:
+    first = _take(it, 3)
+    state = it.get_state()
+    expected = _take(it, 3)
+  finally:
+    it.close()
+  # Same crops; workers run single-threaded BLAS, so the mel matmul may differ by an ulp.
+  for a, b in zip(first, in_process):
+    np.testing.assert_allclose(a["spectrogram"], b["spectrogram"], rtol=0, atol=1e-5)
+  restored = pipeline.make_pretrain_iterator(cfg, FE, seed=4, process_index=0, process_count=1)
+  try:
+    restored.set_state(state)
+    _assert_same_batches(_take(restored, 3), expected)
+  finally:
+    restored.close()
