@@ -15,6 +15,7 @@ up to exactly the target count with random patches.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -153,13 +154,12 @@ def _top_up(rng, preference, count) -> jax.Array:
   return jnp.zeros(preference.shape, bool).at[idx].set(True)
 
 
-def _place_rectangles(rng, grid, budget, max_attempts, draw) -> jax.Array:
-  """bool [H*W] with exactly `budget` cells: budgeted rectangles, then random top-up.
+def _budgeted_rectangles(rng, grid, budget, max_attempts, draw):
+  """(bool [H, W], count): rectangles added until one would exceed `budget`.
 
-  `draw(rng, remaining)` returns one rectangle (top, left, h, w).
+  `draw(rng, remaining)` returns one rectangle (top, left, h, w). The first rectangle whose
+  new cells exceed the remaining budget stops the loop: later attempts add nothing.
   """
-  k_attempts, k_fill = jax.random.split(rng)
-
   def attempt(state, key):
     mask, count, stopped = state
     rect = _rect_mask(grid, *draw(key, budget - count))
@@ -170,7 +170,14 @@ def _place_rectangles(rng, grid, budget, max_attempts, draw) -> jax.Array:
     return (mask, count, stopped), None
 
   init = (jnp.zeros(grid, bool), jnp.int32(0), jnp.bool_(False))
-  (mask, _, _), _ = jax.lax.scan(attempt, init, jax.random.split(k_attempts, max_attempts))
+  (mask, count, _), _ = jax.lax.scan(attempt, init, jax.random.split(rng, max_attempts))
+  return mask, count
+
+
+def _place_rectangles(rng, grid, budget, max_attempts, draw) -> jax.Array:
+  """bool [H*W] with exactly `budget` cells: budgeted rectangles, then random top-up."""
+  k_attempts, k_fill = jax.random.split(rng)
+  mask, _ = _budgeted_rectangles(k_attempts, grid, budget, max_attempts, draw)
   return _top_up(k_fill, mask.reshape(-1), budget)
 
 
@@ -264,7 +271,8 @@ def sample_masks(rng, step, grid, batch_size: int, mask_cfg) -> Masks:
   grid = tuple(grid)
   k_strategy, k_masks = jax.random.split(rng)
   keys = jax.random.split(k_masks, batch_size)
-  batched = [jax.vmap(lambda k, g=_GENERATORS[name]: g(k, grid, p)) for name in STRATEGIES]
+  batched = [jax.vmap(functools.partial(sample_target_mask, strategy=name, grid=grid,
+                                       mask_cfg=p)) for name in STRATEGIES]
   if p.strategy:
     # Fixed strategy: compile only its generator.
     strategy = jnp.int32(STRATEGIES.index(p.strategy))
