@@ -231,8 +231,11 @@ def metrics_for(task: str, logits_or_preds, targets, classes) -> dict:
   if task in ("multiclass", "key"):
     targ = np.asarray(targets)
     if targ.dtype.kind in "US":
-      targ = np.asarray([_key_index(t) if task == "key" else list(classes).index(t)
-                         for t in targ])
+      index = {c: i for i, c in enumerate(classes)}
+      unknown = sorted({t for t in targ if t not in index}) if task != "key" else []
+      if unknown:
+        raise ValueError(f"unknown class(es) {unknown} in targets; classes are {list(classes)}")
+      targ = np.asarray([_key_index(t) if task == "key" else index[t] for t in targ])
     pred = _class_predictions(logits_or_preds)
     out = {"accuracy": float(np.mean(pred == targ))}
     if task == "key":
