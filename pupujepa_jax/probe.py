@@ -232,7 +232,7 @@ def metrics_for(task: str, logits_or_preds, targets, classes) -> dict:
     targ = np.asarray(targets)
     if targ.dtype.kind in "US":
       index = {c: i for i, c in enumerate(classes)}
-      unknown = sorted({t for t in targ if t not in index}) if task != "key" else []
+      unknown = sorted({str(t) for t in targ if t not in index}) if task != "key" else []
       if unknown:
         raise ValueError(f"unknown class(es) {unknown} in targets; classes are {list(classes)}")
       targ = np.asarray([_key_index(t) if task == "key" else index[t] for t in targ])
