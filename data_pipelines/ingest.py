@@ -192,7 +192,7 @@ def ingest(input_dir, out_dir, min_seconds: float = 1.0, *, sample_rate: int = S
   """
   root = pathlib.Path(input_dir).resolve()
   files = audio_lib.list_audio_files(root)
-  out = pathlib.Path(out_dir)
+  out = pathlib.Path(out_dir).resolve()
   report_path = out / REPORT_NAME
   fingerprint = _fingerprint(root, files, min_seconds, sample_rate)
   if report_path.is_file():
