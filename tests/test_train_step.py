@@ -1,0 +1,165 @@
+"""The jitted train step: sharding invariance, learning, no recompiles, schedules, losses."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pupujepa_jax import config as config_lib
+from pupujepa_jax import objectives, optim, sharding, train_step
+
+SMOKE = "experiments/pupujepa.py:smoke"
+
+
+def _batch(cfg, seed=0):
+  rng = np.random.default_rng(seed)
+  return {"spectrogram": rng.standard_normal(
+      (cfg.data.batch_size, cfg.data.crop_frames, cfg.frontend.n_mels)).astype(np.float32)}
+
+
+def _run(cfg, mesh, steps, batch):
+  state = train_step.create_sharded_state(cfg, mesh)
+  step_fn = train_step.make_train_step(cfg, mesh)
+  metrics = []
+  for _ in range(steps):
+    state, m = step_fn(state, sharding.global_batch(batch, mesh))
+    metrics.append(jax.tree.map(float, m))
+  return jax.device_get(state), metrics, step_fn
+
+
+def test_one_device_and_eight_devices_agree():
+  cfg = config_lib.load_config(SMOKE)
+  cfg.mesh.fsdp = 2
+  batch = _batch(cfg)
+  one = sharding.make_mesh(1, 1, jax.devices()[:1])
+  eight = sharding.make_mesh(4, 2)
+  state1, metrics1, _ = _run(cfg, one, 2, batch)
+  state8, metrics8, _ = _run(cfg, eight, 2, batch)
+  for m1, m8 in zip(metrics1, metrics8):
+    np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
+  flat1, flat8 = jax.tree.leaves(state1["params"]), jax.tree.leaves(state8["params"])
+  for a, b in zip(flat1, flat8):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7),
+               state1["teacher"], state8["teacher"])
+  # The params really moved (the comparison is not between two untouched inits).
+  init = jax.device_get(train_step.init_state(cfg))
+  assert not np.allclose(init["params"]["encoder"]["norm"]["scale"],
+                         state1["params"]["encoder"]["norm"]["scale"])
+
+
+def test_params_are_fsdp_sharded_on_the_mesh():
+  cfg = config_lib.load_config(SMOKE)
+  cfg.mesh.fsdp = 2
+  mesh = sharding.make_mesh(4, 2)
+  state = train_step.create_sharded_state(cfg, mesh)
+  qkv = state["params"]["encoder"]["stack"]["blocks"]["attn"]["qkv"]["kernel"]
+  assert "fsdp" in jax.tree.leaves(tuple(qkv.sharding.spec), is_leaf=lambda x: x is None or isinstance(x, str))
+  assert qkv.addressable_shards[0].data.size == qkv.size // 2
+  bias = state["params"]["encoder"]["norm"]["bias"]
+  assert bias.sharding.is_fully_replicated
+
+
+@pytest.mark.slow
+def test_tiny_model_learns_a_fixed_batch_without_collapse():
+  cfg = config_lib.load_config(SMOKE)
+  cfg.total_steps = 300
+  cfg.optim.update(lr=2e-3, warmup_steps=20)
+  batch = _batch(cfg, seed=1)
+  mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
+  _, metrics, _ = _run(cfg, mesh, cfg.total_steps, batch)
+  first = np.mean([m["loss"] for m in metrics[:5]])
+  last = np.mean([m["loss"] for m in metrics[-10:]])
+  assert last <= 0.5 * first, (first, last)
+  # Collapse alarm: teacher features keep per-dimension spread across tokens.
+  assert min(m["teacher_std"] for m in metrics[-10:]) > 0.05
+
+
+def test_no_recompilation_across_steps_and_strategies():
+  cfg = config_lib.load_config(SMOKE)
+  cfg.mask.probs = (0.34, 0.33, 0.33)
+  mesh = sharding.make_mesh(8, 1)
+  _, metrics, step_fn = _run(cfg, mesh, 8, _batch(cfg))
+  assert len({m["mask_strategy"] for m in metrics}) >= 2
+  assert step_fn._cache_size() == 1
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(compute_dtype="bfloat16", remat=True),
+    dict(teacher_mode="full_grid", loss="normalized_mse"),
+    dict(loss="mse", model=dict(pos_embed="sincos", drop_path=0.1, layer_scale=0.1)),
+])
+def test_variants_of_the_step_run_and_stay_finite(overrides):
+  cfg = config_lib.load_config(SMOKE)
+  for key, value in overrides.items():
+    if isinstance(value, dict):
+      cfg[key].update(value)
+    else:
+      cfg[key] = value
+  config_lib.validate(cfg, 8)
+  _, metrics, _ = _run(cfg, sharding.make_mesh(8, 1), 2, _batch(cfg))
+  assert all(np.isfinite(m["loss"]) for m in metrics)
+  if cfg.compute_dtype == "bfloat16":
+    state = train_step.create_sharded_state(cfg, sharding.make_mesh(8, 1))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state["params"]))
+
+
+def test_losses():
+  rng = np.random.default_rng(0)
+  target = rng.standard_normal((2, 5, 16)).astype(np.float32) * 3 + 1
+  normed = objectives.layer_norm(target)
+  np.testing.assert_allclose(np.asarray(normed).mean(-1), 0, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(normed).std(-1), 1, atol=1e-3)
+  assert float(objectives.latent_loss(normed, target, "smooth_l1")) < 1e-6
+  assert float(objectives.latent_loss(normed, target, "mse")) < 1e-6
+  assert float(objectives.latent_loss(target * 2, target, "normalized_mse")) < 1e-6
+  assert abs(float(objectives.latent_loss(-target, target, "normalized_mse")) - 4.0) < 1e-5
+  # smooth-L1 with beta 1: quadratic below 1, linear above.
+  assert np.isclose(float(objectives.smooth_l1(jnp.array([0.5]), jnp.array([0.0]))), 0.125)
+  assert np.isclose(float(objectives.smooth_l1(jnp.array([3.0]), jnp.array([0.0]))), 2.5)
+
+
+def test_schedules_and_decay_mask():
+  cfg = config_lib.load_config("experiments/pupujepa.py:steps=1000")
+  cfg.optim.update(lr=1e-3, warmup_steps=100, min_lr=1e-6)
+  lr, wd, ema = optim.learning_rate(cfg), optim.weight_decay(cfg), optim.ema_momentum(cfg)
+  assert float(lr(0)) == 0.0 and np.isclose(float(lr(100)), 1e-3)
+  assert np.isclose(float(lr(1000)), 1e-6) and float(lr(50)) < float(lr(100))
+  assert np.isclose(float(wd(0)), 0.04) and np.isclose(float(wd(1000)), 0.4)
+  assert np.isclose(float(wd(500)), 0.22, atol=1e-6)
+  assert np.isclose(float(ema(0)), 0.996) and np.isclose(float(ema(1000)), 1.0)
+  state = jax.eval_shape(functools.partial(train_step.init_state, cfg))
+  mask = optim.decay_mask(state["params"])
+  enc = mask["encoder"]
+  assert enc["stack"]["blocks"]["attn"]["qkv"]["kernel"]
+  assert not enc["stack"]["blocks"]["attn"]["q_bias"]
+  assert not enc["stack"]["blocks"]["norm1"]["scale"]
+  assert not mask["predictor"]["mask_token"]
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("data.crop_frames", 1022, "data.crop_frames"),
+    ("model.patch_freq", 48, "frontend.n_mels"),
+    ("mask.strategy", "stripes", "mask.strategy"),
+    ("loss", "l2", "loss"),
+])
+def test_bad_configs_name_the_field(field, value, message):
+  cfg = config_lib.load_config(SMOKE)
+  group, _, key = field.rpartition(".")
+  (cfg[group] if group else cfg)[key] = value
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.validate(cfg, 8)
+
+
+def test_unknown_variant_key_and_mesh_errors():
+  with pytest.raises(ValueError, match="variant"):
+    config_lib.load_config("experiments/pupujepa.py:variant=gigantic")
+  cfg = config_lib.load_config(SMOKE)
+  cfg.model.unknown_field = 3
+  with pytest.raises(config_lib.ConfigError, match="model.unknown_field"):
+    config_lib.validate(cfg)
+  cfg = config_lib.load_config(SMOKE)
+  cfg.data.batch_size = 12
+  with pytest.raises(config_lib.ConfigError, match="batch_size"):
+    config_lib.validate(cfg, 8)
