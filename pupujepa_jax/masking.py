@@ -105,9 +105,14 @@ def _rect_mask(grid, top, left, h, w) -> jax.Array:
   return (t >= top) & (t < top + h) & (f >= left) & (f < left + w)
 
 
-def _randint(rng, low, high):
-  """A uniform int32 in [low, high) for traced bounds."""
-  return jax.random.randint(rng, (), low, high, dtype=jnp.int32)
+def _uniform_int(u, low, high):
+  """An int32 in [low, high) from u ~ U[0, 1) (traced bounds)."""
+  value = low + jnp.floor(u * (high - low)).astype(jnp.int32)
+  return jnp.minimum(value, high - 1)  # u * n may round up to n in float32
+
+
+# The rectangle drawers take all their randomness from one uniform vector: one PRNG call
+# per attempt keeps the scan body (and its compile time) small.
 
 
 def _block_rectangle(rng, grid, block_scale, remaining):
@@ -116,18 +121,18 @@ def _block_rectangle(rng, grid, block_scale, remaining):
   Area fraction U(block_scale) of the grid, capped by `remaining` cells; with p=0.5
   vertical (h/w ~ U(2, 5)) else horizontal (h/w ~ U(0.2, 0.5)); h runs along time.
   """
-  k_area, k_dir, k_ar, k_top, k_left = jax.random.split(rng, 5)
+  u = jax.random.uniform(rng, (5,))
   height, width = grid
-  area = jax.random.uniform(k_area, (), minval=block_scale[0], maxval=block_scale[1])
-  area = jnp.minimum(area * height * width, jnp.asarray(remaining, jnp.float32))
-  vertical = jax.random.bernoulli(k_dir)
+  area = (block_scale[0] + u[0] * (block_scale[1] - block_scale[0])) * height * width
+  area = jnp.minimum(area, jnp.asarray(remaining, jnp.float32))
+  vertical = u[1] < 0.5
   lo = jnp.where(vertical, BLOCK_VERTICAL_ASPECT[0], BLOCK_HORIZONTAL_ASPECT[0])
   hi = jnp.where(vertical, BLOCK_VERTICAL_ASPECT[1], BLOCK_HORIZONTAL_ASPECT[1])
-  ar = jax.random.uniform(k_ar, (), minval=lo, maxval=hi)
+  ar = lo + u[2] * (hi - lo)
   # int() truncation as in the release, then clipped to the grid (at least one cell).
   h = jnp.clip(jnp.floor(jnp.sqrt(area) * jnp.sqrt(ar)).astype(jnp.int32), 1, height)
   w = jnp.clip(jnp.floor(jnp.sqrt(area) / jnp.sqrt(ar)).astype(jnp.int32), 1, width)
-  return _randint(k_top, 0, height - h + 1), _randint(k_left, 0, width - w + 1), h, w
+  return _uniform_int(u[3], 0, height - h + 1), _uniform_int(u[4], 0, width - w + 1), h, w
 
 
 def _stripe_rectangle(rng, grid, stripe_max_time):
@@ -136,22 +141,33 @@ def _stripe_rectangle(rng, grid, stripe_max_time):
   With p = H / (H + W) a time stripe of U{1..stripe_max_time} consecutive time steps over
   all frequencies; otherwise a frequency stripe one band wide over all time.
   """
-  k_kind, k_len, k_top, k_left = jax.random.split(rng, 4)
+  u = jax.random.uniform(rng, (4,))
   height, width = grid
-  is_time = jax.random.bernoulli(k_kind, height / (height + width))
-  length = jnp.minimum(_randint(k_len, 1, stripe_max_time + 1), height)
-  top = jnp.where(is_time, _randint(k_top, 0, height - length + 1), 0)
-  left = jnp.where(is_time, 0, _randint(k_left, 0, width))
+  is_time = u[0] < height / (height + width)
+  length = jnp.minimum(_uniform_int(u[1], 1, stripe_max_time + 1), height)
+  top = jnp.where(is_time, _uniform_int(u[2], 0, height - length + 1), 0)
+  left = jnp.where(is_time, 0, _uniform_int(u[3], 0, width))
   h = jnp.where(is_time, length, height)
   w = jnp.where(is_time, width, 1)
   return top, left, h, w
 
 
 def _top_up(rng, preference, count) -> jax.Array:
-  """bool [L]: exactly `count` cells, highest `preference` level first, random within."""
-  priority = preference.astype(jnp.float32) + jax.random.uniform(rng, preference.shape)
-  _, idx = jax.lax.top_k(priority, count)
-  return jnp.zeros(preference.shape, bool).at[idx].set(True)
+  """bool [L]: exactly `count` cells, highest `preference` (0..3) first, random within.
+
+  Each cell gets a unique uint32 key (preference | random bits | own index), so the
+  threshold at the count-th largest key selects exactly `count` cells; one sort compiles
+  faster than a top-k and a scatter. Cells with equal random bits (rare) tie-break by index.
+  """
+  length = preference.shape[0]
+  index_bits = max(1, (length - 1).bit_length())
+  random_bits = 30 - index_bits
+  if random_bits < 8:
+    raise ValueError(f"grid: {length} tokens are too many for the mask sampler")
+  noise = jax.random.bits(rng, (length,), jnp.uint32) >> (32 - random_bits)
+  key = ((preference.astype(jnp.uint32) << 30) | (noise << index_bits)
+         | jnp.arange(length, dtype=jnp.uint32))
+  return key >= jnp.sort(key)[length - count]
 
 
 def _budgeted_rectangles(rng, grid, budget, max_attempts, draw):
@@ -182,10 +198,9 @@ def _place_rectangles(rng, grid, budget, max_attempts, draw) -> jax.Array:
 
 
 def _random_mask(rng, grid, p: MaskParams) -> jax.Array:
+  # A random permutation (sorting random keys) whose last floor(ratio * L) are targets.
   length = grid[0] * grid[1]
-  perm = jax.random.permutation(rng, length)
-  # First part context, the rest targets.
-  return jnp.zeros(length, bool).at[perm[length - num_targets(grid, p.ratio):]].set(True)
+  return _top_up(rng, jnp.zeros(length, jnp.int32), num_targets(grid, p.ratio))
 
 
 def _block_mask(rng, grid, p: MaskParams) -> jax.Array:
@@ -202,15 +217,15 @@ def _time_frequency_mask(rng, grid, p: MaskParams) -> jax.Array:
 
 def _multiblock_rectangle(rng, grid, scale, aspect):
   """An I-JEPA block (top, left, h, w) whose area survives clipping to a narrow grid."""
-  k_scale, k_ar, k_top, k_left = jax.random.split(rng, 4)
+  u = jax.random.uniform(rng, (4,))
   height, width = grid
-  area = jax.random.uniform(k_scale, (), minval=scale[0], maxval=scale[1]) * height * width
-  ar = jax.random.uniform(k_ar, (), minval=aspect[0], maxval=aspect[1])
+  area = (scale[0] + u[0] * (scale[1] - scale[0])) * height * width
+  ar = aspect[0] + u[1] * (aspect[1] - aspect[0])
   # I-JEPA rounds sqrt(area / ar) for the width; when the grid is narrower than that (8
   # frequency bands) the block grows along time instead so it keeps its area.
   w = jnp.clip(jnp.round(jnp.sqrt(area / ar)).astype(jnp.int32), 1, width)
   h = jnp.clip(jnp.round(area / w).astype(jnp.int32), 1, height)
-  return _randint(k_top, 0, height - h + 1), _randint(k_left, 0, width - w + 1), h, w
+  return _uniform_int(u[2], 0, height - h + 1), _uniform_int(u[3], 0, width - w + 1), h, w
 
 
 def _multiblock_mask(rng, grid, p: MaskParams) -> jax.Array:
@@ -225,15 +240,15 @@ def _multiblock_mask(rng, grid, p: MaskParams) -> jax.Array:
   unused) and then from the context block; context is the complement.
   """
   height, width = grid
-  k_targets, k_ctx_scale, k_ctx_top, k_fill = jax.random.split(rng, 4)
+  k_targets, k_context, k_fill = jax.random.split(rng, 3)
   rects = jax.vmap(lambda k: _rect_mask(grid, *_multiblock_rectangle(
       k, grid, MULTIBLOCK_TARGET_SCALE, MULTIBLOCK_TARGET_ASPECT)))(
           jax.random.split(k_targets, MULTIBLOCK_NUM_TARGETS))
   targets = jnp.any(rects, axis=0)
-  ctx_scale = jax.random.uniform(k_ctx_scale, (), minval=MULTIBLOCK_CONTEXT_SCALE[0],
-                                 maxval=MULTIBLOCK_CONTEXT_SCALE[1])
-  ctx_h = jnp.clip(jnp.round(ctx_scale * height).astype(jnp.int32), 1, height)
-  context_block = _rect_mask(grid, _randint(k_ctx_top, 0, height - ctx_h + 1), 0, ctx_h, width)
+  u = jax.random.uniform(k_context, (2,))
+  lo, hi = MULTIBLOCK_CONTEXT_SCALE
+  ctx_h = jnp.clip(jnp.round((lo + u[0] * (hi - lo)) * height).astype(jnp.int32), 1, height)
+  context_block = _rect_mask(grid, _uniform_int(u[1], 0, height - ctx_h + 1), 0, ctx_h, width)
   # Preference: target blocks (2) > outside the context block (1) > context block (0).
   preference = jnp.where(targets, 2, jnp.where(context_block, 0, 1))
   return _top_up(k_fill, preference.reshape(-1), num_targets(grid, p.ratio))
