@@ -1,0 +1,219 @@
+"""The `pupujepa` command line: parse arguments, call one library function, print JSON.
+
+Every subcommand is a thin shell over importable functions (see each handler's callee);
+heavy imports happen inside handlers so `pupujepa --help` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+
+def _print_json(obj) -> None:
+  print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+def parse_value(text: str, like):
+  """Parse a `--config.key=value` string into the type of the existing value `like`."""
+  if isinstance(like, bool):
+    if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+      raise ValueError(f"expected a boolean, got {text!r}")
+    return text.lower() in ("true", "1", "yes")
+  if isinstance(like, (tuple, list)):
+    items = [x for x in text.strip("()[]").split(",") if x.strip()]
+    return tuple(parse_value(x.strip(), like[0] if like else 0.0) for x in items)
+  if isinstance(like, int):
+    return int(text)
+  if isinstance(like, float):
+    return float(text)
+  return text
+
+
+def apply_overrides(cfg, overrides: list[str]):
+  """Apply `--config.a.b=value` overrides; unknown fields are errors naming the field."""
+  from pupujepa_jax import config as config_lib
+  for item in overrides:
+    if not item.startswith("--config.") or "=" not in item:
+      raise config_lib.ConfigError(f"unrecognised argument {item!r} "
+                                   "(overrides look like --config.data.batch_size=64)")
+    key, value = item[len("--config."):].split("=", 1)
+    *groups, leaf = key.split(".")
+    node = cfg
+    for g in groups:
+      if g not in node:
+        raise config_lib.ConfigError(f"{key}: unknown config field")
+      node = node[g]
+    if leaf not in node:
+      raise config_lib.ConfigError(f"{key}: unknown config field")
+    try:
+      node[leaf] = parse_value(value, node[leaf])
+    except ValueError as e:
+      raise config_lib.ConfigError(f"{key}: {e}") from e
+  return cfg
+
+
+def _load_config(spec: str, overrides=()):
+  from pupujepa_jax import config as config_lib
+  cfg = apply_overrides(config_lib.load_config(spec), list(overrides))
+  config_lib.validate(cfg)
+  return cfg
+
+
+# ---------------------------------------------------------------------------- handlers
+
+def cmd_info(args, extra):
+  from pupujepa_jax import info
+  _print_json(info.model_info(_load_config(args.config, extra)))
+
+
+def cmd_masks(args, extra):
+  from pupujepa_jax import info
+  cfg = _load_config(args.config, extra)
+  _print_json(info.mask_report(cfg, args.strategy, args.n, args.seed, args.step, args.png))
+
+
+def cmd_train(args, extra):
+  from pupujepa_jax import trainer
+  if args.coordinator or args.num_processes:
+    trainer.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+  elif args.distributed:
+    trainer.initialize_distributed()
+  cfg = _load_config(args.config, extra)
+  result = trainer.train(cfg, args.workdir, stop_after=args.stop_after,
+                         progress=not args.no_progress,
+                         allow_config_change=args.allow_config_change)
+  _print_json({"final_step": result.final_step, "stopped_by_signal": result.stopped_by_signal,
+               "workdir": result.workdir, "last_metrics": result.last_metrics})
+
+
+def cmd_data_ingest(args, extra):
+  from data_pipelines import ingest
+  summary = ingest.ingest(args.input, args.out, min_seconds=args.min_seconds)
+  _print_json(summary)
+
+
+def cmd_data_offline(args, extra):
+  from data_pipelines import offline
+  _print_json(offline.build_offline(args.out, hours=args.hours, seed=args.seed,
+                                    num_workers=args.workers))
+
+
+def cmd_data_baselines(args, extra):
+  from data_pipelines import offline
+  from pupujepa_jax import probe
+  results = offline.compute_baselines(args.tasks, args.out, seed=args.seed)
+  rows = [dict(r, name=f"{task}/{features}") for task, by_feat in results.items()
+          for features, r in by_feat.items()]
+  print(probe.format_table(rows))
+
+
+def cmd_data_build(args, extra):
+  from data_pipelines import builders
+  builder = builders.build(args.dataset, args.manual_dir, args.out)
+  summary = {"dataset": args.dataset, "data_dir": str(builder.data_dir),
+             "splits": {k: v.num_examples for k, v in builder.info.splits.items()}}
+  if args.labels_csv:
+    summary["labels_csv"] = str(builders.write_labels_csv(builder, args.labels_csv))
+  _print_json(summary)
+
+
+def cmd_probe(args, extra):
+  from pupujepa_jax import probe
+  lr = tuple(float(x) for x in args.lr.split(",")) if "," in args.lr else float(args.lr)
+  result = probe.probe_features(args.features, args.labels, args.task, probe=args.probe,
+                                layer=args.layer, seed=args.seed, lr=lr, out=args.out)
+  print(probe.format_table([result]))
+  _print_json({k: result[k] for k in ("task", "probe", "layer", "main_metric", "score",
+                                      "valid", "test")})
+
+
+# ------------------------------------------------------------------------------ parser
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="pupujepa", description=__doc__.splitlines()[0])
+  sub = parser.add_subparsers(dest="command", required=True)
+
+  p = sub.add_parser("info", help="parameter counts, token grid and rate of a config")
+  p.add_argument("--config", required=True)
+  p.set_defaults(func=cmd_info)
+
+  p = sub.add_parser("masks", help="statistics (and a picture) of sampled masks")
+  p.add_argument("--config", required=True)
+  p.add_argument("--strategy", default="random",
+                 choices=["random", "block", "time_frequency", "multiblock", "curriculum"])
+  p.add_argument("--n", type=int, default=64)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--step", type=int, default=0, help="curriculum step (strategy=curriculum)")
+  p.add_argument("--png", default=None)
+  p.set_defaults(func=cmd_masks)
+
+  p = sub.add_parser("train", help="train a config in a workdir (resumes if it exists)")
+  p.add_argument("--config", required=True, help="FILE.py[:ARG]")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--stop_after", type=int, default=None,
+                 help="stop after this many steps of this invocation")
+  p.add_argument("--no_progress", action="store_true")
+  p.add_argument("--allow_config_change", action="store_true")
+  p.add_argument("--distributed", action="store_true",
+                 help="multi-host with the platform's auto-detection (TPU pods, SLURM)")
+  p.add_argument("--coordinator", default=None, help="HOST:PORT of process 0")
+  p.add_argument("--num_processes", type=int, default=None)
+  p.add_argument("--process_id", type=int, default=None)
+  p.set_defaults(func=cmd_train)
+
+  data = sub.add_parser("data", help="datasets: ingest, offline corpus, baselines, builders")
+  dsub = data.add_subparsers(dest="data_command", required=True)
+  p = dsub.add_parser("ingest", help="audio folder -> TFDS ArrayRecord dataset")
+  p.add_argument("--input", required=True)
+  p.add_argument("--out", required=True)
+  p.add_argument("--min_seconds", type=float, default=1.0)
+  p.set_defaults(func=cmd_data_ingest)
+  p = dsub.add_parser("offline", help="render the offline music corpus and probe tasks")
+  p.add_argument("--out", required=True)
+  p.add_argument("--hours", type=float, default=2.0)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--workers", type=int, default=2)
+  p.set_defaults(func=cmd_data_offline)
+  p = dsub.add_parser("baselines", help="hand-crafted feature baselines on probe tasks")
+  p.add_argument("--tasks", required=True)
+  p.add_argument("--out", default=None)
+  p.add_argument("--seed", type=int, default=0)
+  p.set_defaults(func=cmd_data_baselines)
+  p = dsub.add_parser("build", help="build a MARBLE dataset from a local copy")
+  p.add_argument("--dataset", required=True)
+  p.add_argument("--manual_dir", required=True)
+  p.add_argument("--out", required=True)
+  p.add_argument("--labels_csv", default=None, help="also write path,label,split here")
+  p.set_defaults(func=cmd_data_build)
+
+  p = sub.add_parser("probe", help="MARBLE-protocol probe on exported features")
+  p.add_argument("--features", required=True)
+  p.add_argument("--labels", required=True)
+  p.add_argument("--task", required=True,
+                 choices=["multiclass", "multilabel", "regression", "key"])
+  p.add_argument("--probe", default="mlp", choices=["mlp", "linear"])
+  p.add_argument("--layer", default="all")
+  p.add_argument("--lr", default="1e-3", help="a rate or a comma-separated grid")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--out", default=None)
+  p.set_defaults(func=cmd_probe)
+  return parser
+
+
+def main(argv=None) -> int:
+  parser = build_parser()
+  args, extra = parser.parse_known_args(argv)
+  if extra and args.command not in ("info", "masks", "train"):
+    parser.error(f"unrecognised arguments: {' '.join(extra)}")
+  try:
+    args.func(args, extra)
+  except (ValueError, FileNotFoundError, KeyError, RuntimeError, OSError) as e:
+    print(f"pupujepa {args.command}: error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
