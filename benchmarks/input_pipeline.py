@@ -41,14 +41,26 @@ def _median_seconds(fn, repeats: int) -> float:
 def frontend_times(crop_frames: int, repeats: int) -> dict:
   """Median seconds per crop: log_mel_np vs librosa's melspectrogram (magnitude, Slaney)."""
   import librosa
+  import threadpoolctl
   fe = frontend_lib.DEFAULT
   crop = (0.1 * np.random.default_rng(0).standard_normal(
       fe.samples_for_frames(crop_frames))).astype(np.float32)
-  ours = _median_seconds(lambda: frontend_lib.log_mel_np(crop, fe), repeats)
-  theirs = _median_seconds(lambda: librosa.feature.melspectrogram(
-      y=crop, sr=fe.sample_rate, n_fft=fe.n_fft, hop_length=fe.hop, n_mels=fe.n_mels,
-      fmin=fe.f_min, fmax=fe.f_max, power=1.0), repeats)
-  return {"log_mel_np_ms": 1e3 * ours, "librosa_melspectrogram_ms": 1e3 * theirs}
+
+  def ours():
+    frontend_lib.log_mel_np(crop, fe)
+
+  def theirs():
+    librosa.feature.melspectrogram(y=crop, sr=fe.sample_rate, n_fft=fe.n_fft,
+                                   hop_length=fe.hop, n_mels=fe.n_mels, fmin=fe.f_min,
+                                   fmax=fe.f_max, power=1.0)
+
+  out = {"log_mel_np_ms": 1e3 * _median_seconds(ours, repeats),
+         "librosa_melspectrogram_ms": 1e3 * _median_seconds(theirs, repeats)}
+  # As in the Grain workers (one BLAS thread each).
+  with threadpoolctl.threadpool_limits(1):
+    out["log_mel_np_ms_1_blas_thread"] = 1e3 * _median_seconds(ours, repeats)
+    out["librosa_melspectrogram_ms_1_blas_thread"] = 1e3 * _median_seconds(theirs, repeats)
+  return out
 
 
 def synthetic_dataset(data_dir, records: int, seconds: float) -> str:
@@ -152,10 +164,11 @@ def main():
   args = parser.parse_args()
 
   results = {"frontend": frontend_times(args.crop_frames, args.frontend_repeats)}
-  print(f"front-end per {args.crop_frames}-frame crop: "
-        f"log_mel_np {results['frontend']['log_mel_np_ms']:.1f} ms, "
-        f"librosa melspectrogram {results['frontend']['librosa_melspectrogram_ms']:.1f} ms",
-        flush=True)
+  fe = results["frontend"]
+  print(f"front-end per {args.crop_frames}-frame crop: log_mel_np {fe['log_mel_np_ms']:.1f} ms "
+        f"({fe['log_mel_np_ms_1_blas_thread']:.1f} ms with 1 BLAS thread), librosa "
+        f"melspectrogram {fe['librosa_melspectrogram_ms']:.1f} ms "
+        f"({fe['librosa_melspectrogram_ms_1_blas_thread']:.1f} ms)", flush=True)
 
   with tempfile.TemporaryDirectory() as tmp:
     path = args.data_dir or synthetic_dataset(tmp, args.records, args.track_seconds)
