@@ -1,0 +1,254 @@
+"""Offline music: a pretraining corpus and labelled probe tasks rendered from packages.
+
+`build_offline` parses music21 corpus scores, renders them with the General MIDI soundfont
+of pretty_midi through TinySoundFont (SPEC section 8), and writes
+
+  <out>/corpus/*.wav                       pretraining audio (24 kHz mono, 16-bit)
+  <out>/tasks/<task>/audio/*.wav           probe clips
+  <out>/tasks/<task>/labels.csv            path,label,split (`;` joins multiple labels)
+  <out>/summary.json                       counts, durations, skips, sizes, time
+
+Everything random comes from generators seeded by (seed, purpose, index) in the main
+process, so the files do not depend on the worker count or scheduling. The build is
+cached: a finished build with the same arguments returns its summary at once, and an
+interrupted one re-renders only the files it lacks. Test-split pieces of the tasks never
+appear in the corpus. `compute_baselines` scores hand-crafted features on the tasks.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import time
+
+import numpy as np
+
+from data_pipelines.offline import corpus
+from data_pipelines.offline import render
+from data_pipelines.offline import tasks as tasks_lib
+from data_pipelines.offline.tasks import TASK_INFO, TASKS
+
+__all__ = ["build_offline", "compute_baselines", "TASK_INFO", "TASKS"]
+
+
+def compute_baselines(tasks_dir: str, out_dir: str | None = None, seed: int = 0) -> dict:
+  """See `baselines.compute_baselines` (imported lazily: it needs librosa and JAX)."""
+  from data_pipelines.offline import baselines
+  return baselines.compute_baselines(tasks_dir, out_dir, seed)
+
+# Bump when the construction changes, so old caches are not reused.
+BUILD_VERSION = 1
+MIN_PIECES = 24
+
+
+def default_examples(hours: float) -> int:
+  """Examples per task for a corpus of `hours`: 300 for the 2-hour demo."""
+  return int(np.clip(round(150 * hours), 16, 2000))
+
+
+def default_pieces(hours: float, examples: int) -> int:
+  """How many scores to parse: enough for variety, few enough to parse in seconds."""
+  return int(np.clip(hours * 30 + examples / 4, MIN_PIECES, 400))
+
+
+# ------------------------------------------------------------------------------ workers
+
+_SYNTH = None
+
+
+def _init_worker():
+  global _SYNTH
+  _SYNTH = render.Synth()
+
+
+def _parse_job(source):
+  try:
+    return corpus.parse_source(source), None
+  except corpus.ScoreError as e:
+    return None, str(e)
+
+
+def _write_wav(path: str, audio: np.ndarray):
+  import soundfile  # Imported here: only workers write audio.
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = path + ".tmp.wav"
+  soundfile.write(tmp, audio, render.SAMPLE_RATE, subtype="PCM_16")
+  os.replace(tmp, path)
+
+
+def _render_job(job):
+  """Renders one corpus item or task example to `path`; returns (path, seconds, error)."""
+  kind, spec, piece, path = job
+  try:
+    if kind == "corpus":
+      audio = corpus.render_corpus_item(spec, piece, _SYNTH)
+    else:
+      audio = tasks_lib.render_example(spec, piece, _SYNTH)
+    _write_wav(path, audio)
+    return path, len(audio) / render.SAMPLE_RATE, None
+  except Exception as e:  # A failed render is skipped and counted, never fatal.
+    return path, 0.0, f"{spec.get('piece')}: {type(e).__name__}: {e}"
+
+
+def _run(pool, fn, jobs, progress: bool, desc: str):
+  from tqdm import tqdm
+  it = pool.imap(fn, jobs, chunksize=1) if pool else map(fn, jobs)
+  return list(tqdm(it, total=len(jobs), desc=desc, disable=not progress, leave=False))
+
+
+# -------------------------------------------------------------------------------- build
+
+def _args_hash(args: dict) -> str:
+  return hashlib.sha1(json.dumps(args, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _cached_summary(out_dir: str, digest: str) -> dict | None:
+  """The summary of a finished build with the same arguments, if all its files exist."""
+  path = os.path.join(out_dir, "summary.json")
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    summary = json.load(f)
+  if summary.get("args_hash") != digest:
+    return None
+  files = summary.get("files", [])
+  if not all(os.path.isfile(os.path.join(out_dir, p)) for p in files):
+    return None
+  return summary
+
+
+def _prepare_out_dir(out_dir: str, digest: str):
+  """Clears outputs of a build with other arguments; keeps those of an interrupted one."""
+  os.makedirs(out_dir, exist_ok=True)
+  stamp = os.path.join(out_dir, "build_args.json")
+  if os.path.isfile(stamp):
+    with open(stamp) as f:
+      if json.load(f).get("args_hash") == digest:
+        return
+  for sub in ("corpus", "tasks"):
+    shutil.rmtree(os.path.join(out_dir, sub), ignore_errors=True)
+  for name in ("summary.json", stamp):
+    if os.path.isfile(os.path.join(out_dir, name)):
+      os.remove(os.path.join(out_dir, name))
+  return stamp
+
+
+def _load_pieces(sources, cache_dir, pool, progress):
+  pieces, skipped, todo = [], [], []
+  for source in sources:
+    cached = corpus.load_cached(source[0], cache_dir)
+    (pieces.append(cached) if cached else todo.append(source))
+  for piece, error in _run(pool, _parse_job, todo, progress, "parse scores"):
+    if piece is None:
+      skipped.append(error)
+    else:
+      corpus.store_cached(piece, cache_dir)
+      pieces.append(piece)
+  order = {s[0]: i for i, s in enumerate(sources)}
+  pieces.sort(key=lambda p: order[p.id])
+  return pieces, skipped
+
+
+def _dir_bytes(path: str) -> int:
+  return sum(os.path.getsize(os.path.join(root, f))
+             for root, _, files in os.walk(path) for f in files)
+
+
+def build_offline(out_dir: str, hours: float = 2.0, seed: int = 0, num_workers: int = 2,
+                  progress: bool = True, tasks: tuple[str, ...] = TASKS,
+                  examples_per_task: int | None = None) -> dict:
+  """Renders the pretraining corpus and the probe tasks under `out_dir` (see module doc).
+
+  Returns the summary dict (also written to <out_dir>/summary.json): per-part counts,
+  audio seconds, skipped scores and renders with reasons, sizes in bytes, wall time, and
+  `cached` (True when a finished identical build was found and nothing was rendered).
+  """
+  t0 = time.time()
+  tasks = tuple(tasks)
+  unknown = [t for t in tasks if t not in TASK_INFO]
+  if unknown:
+    raise ValueError(f"unknown task(s) {unknown}; known: {TASKS}")
+  if hours < 0:
+    raise ValueError(f"hours must be >= 0, got {hours}")
+  for module in ("music21", "pretty_midi", "tinysoundfont", "soundfile"):
+    render.require(module)
+  examples = examples_per_task or default_examples(hours)
+  args = dict(version=BUILD_VERSION, hours=float(hours), seed=int(seed), tasks=list(tasks),
+              examples_per_task=int(examples))
+  digest = _args_hash(args)
+  cached = _cached_summary(out_dir, digest)
+  if cached is not None:
+    return {**cached, "cached": True, "seconds_wall": round(time.time() - t0, 3)}
+  stamp = _prepare_out_dir(out_dir, digest)
+  if stamp:
+    with open(stamp, "w") as f:
+      json.dump({**args, "args_hash": digest}, f)
+
+  sources = corpus.select_sources(default_pieces(hours, examples), seed)
+  ctx = multiprocessing.get_context("spawn")  # Fork is unsafe once JAX threads exist.
+  pool = ctx.Pool(num_workers, initializer=_init_worker) if num_workers > 1 else None
+  if pool is None:
+    _init_worker()
+  t_parse = time.time()
+  try:
+    pieces, skipped_scores = _load_pieces(sources, os.path.join(out_dir, "cache", "pieces"),
+                                          pool, progress)
+    by_id = {p.id: p for p in pieces}
+    specs = {t: tasks_lib.plan_task(t, pieces, examples, seed) for t in tasks}
+    # All test pieces are held out of the corpus, whichever tasks are built.
+    train_pieces = [p for p in pieces if corpus.piece_split(p.id) != "test"]
+    plans = corpus.plan_corpus(train_pieces, hours * 3600.0, seed) if hours > 0 else []
+    jobs = [("corpus", p, by_id[p["piece"]],
+             os.path.join(out_dir, "corpus", p["name"] + ".wav")) for p in plans]
+    jobs += [("task", s, by_id[s["piece"]], os.path.join(out_dir, "tasks", t, s["name"]))
+             for t in tasks for s in specs[t]]
+    todo = [j for j in jobs if not os.path.isfile(j[3])]
+    t_render = time.time()
+    results = {path: (seconds, error)
+               for path, seconds, error in _run(pool, _render_job, todo, progress, "render")}
+  finally:
+    if pool is not None:
+      pool.close()
+      pool.join()
+
+  def ok(job):
+    return results.get(job[3], (None, None))[1] is None
+
+  files, summary_tasks = [], {}
+  corpus_jobs = [j for j in jobs if j[0] == "corpus" and ok(j)]
+  files += [os.path.relpath(j[3], out_dir) for j in corpus_jobs]
+  for t in tasks:
+    task_dir = os.path.join(out_dir, "tasks", t)
+    rows = [s for s in specs[t] if ok(("task", s, None, os.path.join(task_dir, s["name"])))]
+    os.makedirs(task_dir, exist_ok=True)
+    with open(os.path.join(task_dir, "labels.csv"), "w", newline="") as f:
+      writer = csv.writer(f)
+      writer.writerow(["path", "label", "split"])
+      writer.writerows([s["name"], s["label"], s["split"]] for s in rows)
+    files += [os.path.join("tasks", t, s["name"]) for s in rows]
+    summary_tasks[t] = dict(
+        examples=len(rows), bytes=_dir_bytes(task_dir),
+        splits={sp: sum(s["split"] == sp for s in rows) for sp in ("train", "valid", "test")},
+        pieces=len({s["piece"] for s in rows}), clip_seconds=TASK_INFO[t].clip_seconds)
+  failed = [e for _, e in results.values() if e is not None]
+  summary = dict(
+      args=args, args_hash=digest, cached=False,
+      corpus=dict(files=len(corpus_jobs),
+                  hours=round(sum(j[1]["seconds"] for j in corpus_jobs) / 3600, 4),
+                  pieces=len({j[1]["piece"] for j in corpus_jobs}),
+                  bytes=_dir_bytes(os.path.join(out_dir, "corpus"))),
+      tasks=summary_tasks,
+      scores=dict(selected=len(sources), parsed=len(pieces), skipped=len(skipped_scores),
+                  skipped_reasons=skipped_scores),
+      renders=dict(jobs=len(jobs), rendered=len(todo), skipped=len(failed),
+                   skipped_reasons=failed),
+      seconds_wall=round(time.time() - t0, 2),
+      seconds_phases=dict(start=round(t_parse - t0, 2), parse=round(t_render - t_parse, 2),
+                          render=round(time.time() - t_render, 2)),
+      files=files)
+  with open(os.path.join(out_dir, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=1)
+  return summary

@@ -1,0 +1,169 @@
+"""Tests of the offline music build (corpus + probe tasks) and its baselines."""
+import csv
+import hashlib
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+import soundfile
+
+from data_pipelines import offline
+from data_pipelines.offline import corpus
+from data_pipelines.offline import render
+from data_pipelines.offline import tasks as tasks_lib
+
+HOURS = 0.01
+EXAMPLES = 6
+
+
+def _hashes(root):
+  out = {}
+  for d, _, files in os.walk(root):
+    for f in files:
+      path = os.path.join(d, f)
+      rel = os.path.relpath(path, root)
+      if rel.startswith("cache") or rel in ("summary.json", "build_args.json"):
+        continue
+      with open(path, "rb") as fh:
+        out[rel] = hashlib.sha1(fh.read()).hexdigest()
+  return out
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory):
+  a = str(tmp_path_factory.mktemp("offline_a"))
+  b = str(tmp_path_factory.mktemp("offline_b"))
+  summary_a = offline.build_offline(a, hours=HOURS, seed=3, num_workers=2, progress=False,
+                                    examples_per_task=EXAMPLES)
+  # Different worker count: the files must not depend on scheduling.
+  summary_b = offline.build_offline(b, hours=HOURS, seed=3, num_workers=1, progress=False,
+                                    examples_per_task=EXAMPLES)
+  return a, b, summary_a, summary_b
+
+
+def test_two_builds_are_identical(builds):
+  a, b, summary_a, _ = builds
+  ha, hb = _hashes(a), _hashes(b)
+  assert ha == hb
+  wavs = [p for p in ha if p.endswith(".wav")]
+  assert len(wavs) == len(summary_a["files"]) >= len(offline.TASKS) * EXAMPLES + 1
+  assert summary_a["renders"]["skipped"] == 0
+  assert summary_a["corpus"]["hours"] >= HOURS
+
+
+def test_second_call_is_cached(builds):
+  a, _, summary_a, _ = builds
+  t0 = time.time()
+  again = offline.build_offline(a, hours=HOURS, seed=3, num_workers=2, progress=False,
+                                examples_per_task=EXAMPLES)
+  assert time.time() - t0 < 2.0
+  assert again["cached"] is True
+  assert again["files"] == summary_a["files"]
+  with open(os.path.join(a, "summary.json")) as f:
+    assert json.load(f)["args_hash"] == summary_a["args_hash"]
+
+
+def test_labels_and_splits(builds):
+  a, _, summary_a, _ = builds
+  for task, info in offline.TASK_INFO.items():
+    with open(os.path.join(a, "tasks", task, "labels.csv"), newline="") as f:
+      reader = csv.DictReader(f)
+      assert reader.fieldnames == ["path", "label", "split"]
+      rows = list(reader)
+    assert len(rows) == EXAMPLES == summary_a["tasks"][task]["examples"]
+    pieces = {}
+    for row in rows:
+      assert os.path.isfile(os.path.join(a, "tasks", task, row["path"]))
+      piece = row["path"].split("_", 1)[1][:-len(".wav")]
+      pieces.setdefault(piece, set()).add(row["split"])
+      if info.type == "regression":
+        assert tasks_lib.TEMPO_BPM[0] <= float(row["label"]) <= tasks_lib.TEMPO_BPM[1]
+      else:
+        assert set(row["label"].split(";")) <= set(info.classes), row["label"]
+    assert all(len(s) == 1 for s in pieces.values()), f"{task}: piece in two splits"
+    assert {r["split"] for r in rows} == {"train", "valid", "test"}
+
+
+def test_corpus_excludes_test_pieces(builds):
+  a = builds[0]
+  names = os.listdir(os.path.join(a, "corpus"))
+  assert names
+  test_pieces = set()
+  for task in offline.TASKS:
+    with open(os.path.join(a, "tasks", task, "labels.csv"), newline="") as f:
+      test_pieces |= {r["path"].split("_", 1)[1][:-4] for r in csv.DictReader(f)
+                      if r["split"] == "test"}
+  corpus_pieces = {n.split("_", 1)[1][:-4] for n in names}
+  assert test_pieces and not corpus_pieces & test_pieces
+
+
+def test_audio_is_24k_mono_finite_not_silent(builds):
+  a, _, summary_a, _ = builds
+  for rel in summary_a["files"][:: max(1, len(summary_a["files"]) // 12)]:
+    audio, sr = soundfile.read(os.path.join(a, rel), dtype="float32", always_2d=True)
+    assert sr == 24_000 and audio.shape[1] == 1, rel
+    assert np.all(np.isfinite(audio)), rel
+    assert np.sqrt(np.mean(audio ** 2)) > 0.01, rel
+  clip, _ = soundfile.read(os.path.join(a, "tasks", "chord", _first_path(a, "chord")))
+  assert len(clip) == int(tasks_lib.SHORT_CLIP_SECONDS * 24_000)
+
+
+def _first_path(root, task):
+  with open(os.path.join(root, "tasks", task, "labels.csv"), newline="") as f:
+    return next(csv.DictReader(f))["path"]
+
+
+def test_broken_scores_are_skipped_and_counted(tmp_path):
+  music21 = render.require("music21")
+  broken_file = tmp_path / "broken.mxl"
+  broken_file.write_bytes(b"this is not a score")
+  good = corpus.select_sources(1, seed=0)[0]
+  sources = [good, ("empty/score", music21.stream.Score()), ("bad/file", str(broken_file))]
+  pieces, skipped = offline._load_pieces(sources, str(tmp_path / "cache"), None, False)
+  assert [p.id for p in pieces] == [good[0]]
+  assert len(skipped) == 2
+  assert "empty/score" in skipped[0] and "no pitched notes" in skipped[0]
+  assert "bad/file" in skipped[1]
+  with pytest.raises(corpus.ScoreError, match="not a music21 stream"):
+    corpus.extract_piece(object(), "x/object")
+
+
+def test_failed_render_is_skipped_not_fatal():
+  offline._init_worker()
+  piece = corpus.Piece(id="x/p", parts=[np.array([[0.0, 1.0, 60.0]])], length=1.0,
+                       key=None, time_signature=(4, 4))
+  plan = dict(piece="x/p", seconds=1.0, quarter_s=0.5, transpose=0, programs=[400],
+              velocities=[0.8], rt60=0.3, wet=0.1, fx_seed=0)
+  path, seconds, error = offline._render_job(("corpus", plan, piece, "/nonexistent/x.wav"))
+  assert seconds == 0.0 and "400" in error
+
+
+def test_synth_renders_pitch_and_silence():
+  synth = render.Synth()
+  note = render.Track(program=0, notes=np.array([[0.1, 0.9, 69.0, 0.9]]))
+  audio = synth.render([note], 1.0)
+  assert audio.dtype == np.float32 and audio.shape == (24_000,)
+  assert np.max(np.abs(audio[:2000])) < 1e-6  # Nothing before the note starts.
+  spectrum = np.abs(np.fft.rfft(audio[3000:20000]))
+  peak_hz = np.argmax(spectrum) * 24_000 / 17_000
+  assert abs(peak_hz - 440.0) < 10.0
+  assert np.array_equal(audio, synth.render([note], 1.0))
+
+
+def test_baselines_write_export_layout_and_score(builds, tmp_path):
+  a = builds[0]
+  out = str(tmp_path / "baselines")
+  scores = offline.compute_baselines(os.path.join(a, "tasks"), out, seed=0)
+  assert set(scores) == set(offline.TASKS)
+  dims = {"logmel": 256, "chroma": 24, "mfcc": 40}
+  for task, info in offline.TASK_INFO.items():
+    for fs, d in dims.items():
+      with open(os.path.join(out, task, fs, "meta.json")) as f:
+        meta = json.load(f)
+      assert meta["D"] == d and meta["L"] == 0 and meta["sample_rate"] == 24_000
+      feat = np.load(os.path.join(out, task, fs, _first_path(a, task) + ".npy"))
+      assert feat.shape == (1, 1, d) and np.all(np.isfinite(feat))
+      assert info.main_metric in scores[task][fs]
+      assert np.isfinite(scores[task][fs][info.main_metric])
