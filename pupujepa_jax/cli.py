@@ -129,6 +129,37 @@ def cmd_probe(args, extra):
                                       "valid", "test")})
 
 
+def cmd_sweep(args, extra):
+  from pupujepa_jax import sweep
+  only = args.only.split(",") if args.only else None
+  sweep_dir = args.sweep_dir or str(pathlib.Path("sweeps") /
+                                    pathlib.Path(args.config.partition(":")[0]).stem)
+  runs = sweep.expand(args.config, sweep_dir, extra, only=only)
+  if args.dry_run or not (args.local or args.emit):
+    _print_json([{"name": r.name, "workdir": str(r.workdir), "overrides": r.overrides,
+                  "finished": sweep.is_finished(r), "command": sweep.train_command(r)}
+                 for r in runs])
+  elif args.local:
+    _print_json(sweep.run_local(runs, args.config, sweep_dir, progress=not args.no_progress,
+                                stop_after=args.stop_after))
+  else:
+    if not args.out:
+      raise ValueError("--emit needs --out DIR for the scripts")
+    opts = sweep.EmitOptions(nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                             time=args.time, partition=args.partition, account=args.account,
+                             repo_dir=args.repo_dir, tpu_name=args.tpu_name, zone=args.zone,
+                             project=args.project)
+    _print_json([str(p) for p in sweep.emit(runs, args.config, args.emit, args.out, opts)])
+
+
+def cmd_report(args, extra):
+  from pupujepa_jax import sweep
+  table = sweep.collect_report(args.sweep)
+  if args.out:
+    pathlib.Path(args.out).write_text(table)
+  print(table, end="")
+
+
 # ------------------------------------------------------------------------------ parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -199,13 +230,39 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default=None)
   p.set_defaults(func=cmd_probe)
+  p = sub.add_parser("sweep", help="expand an ablation sweep; run it here or emit scripts")
+  p.add_argument("--config", required=True, help="experiments/ablations/X.py[:ARG]")
+  p.add_argument("--sweep_dir", default=None, help="runs go to SWEEP_DIR/<name> "
+                 "(default sweeps/<file stem>)")
+  p.add_argument("--only", default=None, help="comma-separated run names to keep")
+  p.add_argument("--dry_run", action="store_true", help="print the runs (the default)")
+  p.add_argument("--local", action="store_true", help="train the runs here, one by one")
+  p.add_argument("--stop_after", type=int, default=None)
+  p.add_argument("--no_progress", action="store_true")
+  p.add_argument("--emit", choices=["slurm", "tpu"], default=None)
+  p.add_argument("--out", default=None, help="directory for emitted scripts")
+  p.add_argument("--nodes", type=int, default=1)
+  p.add_argument("--gpus_per_node", type=int, default=8)
+  p.add_argument("--time", default="72:00:00")
+  p.add_argument("--partition", default="")
+  p.add_argument("--account", default="")
+  p.add_argument("--repo_dir", default="", help="checkout on the cluster/TPU VMs")
+  p.add_argument("--tpu_name", default="pupujepa-pod")
+  p.add_argument("--zone", default="us-central2-b")
+  p.add_argument("--project", default="")
+  p.set_defaults(func=cmd_sweep)
+
+  p = sub.add_parser("report", help="markdown table of a sweep's runs")
+  p.add_argument("--sweep", required=True, help="the sweep dir")
+  p.add_argument("--out", default=None, help="also write the table here")
+  p.set_defaults(func=cmd_report)
   return parser
 
 
 def main(argv=None) -> int:
   parser = build_parser()
   args, extra = parser.parse_known_args(argv)
-  if extra and args.command not in ("info", "masks", "train"):
+  if extra and args.command not in ("info", "masks", "train", "sweep"):
     parser.error(f"unrecognised arguments: {' '.join(extra)}")
   try:
     args.func(args, extra)
