@@ -1,0 +1,327 @@
+"""Embedding raw audio with an exported model: windows, front-end, teacher, readouts.
+
+`load(model_dir)` returns a `Model`; `Model.embed(wave, sample_rate)` gives per-layer
+features `[L + 1, n_chunks, D']` (index 0 = patch-embedding output, then each block's
+output, before the final LayerNorm), one chunk per window. `embed_folder` writes SPEC
+section 6's MARBLE layout (`<out>/<relpath>.npy` + `meta.json`).
+
+Windows are exactly the training crop length (RoPE positions are normalised to the grid
+extent, so another length would shift every position). A clip shorter than one window is
+looped (or zero-padded); a longer clip is cut every `hop` seconds and, if the windows do
+not reach its end, one last window is aligned to the end. Windows of many files are
+batched together in fixed-size batches (the last one padded) so nothing recompiles, and
+each batch is split over all local devices.
+
+Readouts: `freqcat` concatenates the W frequency tokens of each 25 Hz time step
+(W * D features) and averages over time; `mean` averages all tokens (D features).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from pupujepa_jax import config as config_lib
+from pupujepa_jax import export, frontend, models, sharding
+
+READOUTS = ("freqcat", "mean")
+SHORT_POLICIES = ("loop", "pad")
+
+
+def window_starts(num_samples: int, window: int, hop: int) -> list[int]:
+  """Window start samples covering a clip; the last window is aligned to the clip's end."""
+  if hop <= 0:
+    raise ValueError(f"hop of {hop} samples must be positive")
+  if num_samples <= window:
+    return [0]
+  starts = list(range(0, num_samples - window + 1, hop))
+  if starts[-1] + window < num_samples:
+    starts.append(num_samples - window)
+  return starts
+
+
+def split_windows(wave: np.ndarray, window: int, hop: int,
+                  short_policy: str = "loop") -> np.ndarray:
+  """[n_windows, window] windows of a mono clip (see `window_starts`)."""
+  wave = np.asarray(wave, np.float32)
+  if wave.ndim != 1 or wave.size == 0:
+    raise ValueError(f"expected a non-empty mono waveform, got shape {wave.shape}")
+  if wave.shape[0] < window:
+    if short_policy == "loop":
+      return np.resize(wave, window)[None]  # np.resize repeats the clip cyclically
+    if short_policy == "pad":
+      return np.pad(wave, (0, window - wave.shape[0]))[None]
+    raise ValueError(f"short_policy {short_policy!r} not in {SHORT_POLICIES}")
+  return np.stack([wave[s:s + window] for s in window_starts(wave.shape[0], window, hop)])
+
+
+def readout(layers, grid: tuple[int, int], kind: str):
+  """[L+1, B, N, D] tokens -> [L+1, B, D'] window features (see module docstring)."""
+  if kind == "freqcat":
+    n_layers, b, _, d = layers.shape
+    return layers.reshape(n_layers, b, grid[0], grid[1] * d).mean(axis=2)
+  if kind == "mean":
+    return layers.mean(axis=2)
+  raise ValueError(f"readout {kind!r} not in {READOUTS}")
+
+
+def select_layers(n_layers: int, layers) -> list[int]:
+  """Layer indices from "all", "last", an int or a list of ints (negative counts back)."""
+  if layers == "all":
+    return list(range(n_layers))
+  if layers == "last":
+    return [n_layers - 1]
+  chosen = [layers] if isinstance(layers, int) else list(layers)
+  out = []
+  for i in chosen:
+    if not -n_layers <= int(i) < n_layers:
+      raise ValueError(f"layer {i} out of range: the model has {n_layers} layers "
+                       f"(0 = patch embedding .. {n_layers - 1})")
+    out.append(int(i) % n_layers)
+  return out
+
+
+@dataclasses.dataclass
+class Model:
+  """A teacher encoder with its front-end, ready to embed raw audio on all local devices."""
+  cfg: ml_collections.ConfigDict
+  params: dict
+  model_id: str = "unnamed"
+  meta: dict = dataclasses.field(default_factory=dict)
+  batch_size: int = 8
+  short_policy: str = "loop"
+
+  def __post_init__(self):
+    if self.short_policy not in SHORT_POLICIES:
+      raise ValueError(f"short_policy {self.short_policy!r} not in {SHORT_POLICIES}")
+    self.frontend = config_lib.frontend_from_config(self.cfg)
+    self.grid = config_lib.grid_shape(self.cfg)
+    devices = jax.local_devices()
+    self.mesh = sharding.make_mesh(len(devices), 1, devices)
+    # A batch must split evenly over the devices.
+    self.batch_size = -(-self.batch_size // len(devices)) * len(devices)
+    self.params = jax.device_put(self.params, sharding.replicated(self.mesh))
+    self._forward = {}
+
+  # ---------------------------------------------------------------- sizes
+  @property
+  def crop_frames(self) -> int:
+    return int(self.cfg.data.crop_frames)
+
+  @property
+  def sample_rate(self) -> int:
+    return int(self.frontend.sample_rate)
+
+  @property
+  def window_samples(self) -> int:
+    return self.frontend.samples_for_frames(self.crop_frames)
+
+  @property
+  def window_seconds(self) -> float:
+    return self.window_samples / self.sample_rate
+
+  @property
+  def num_layers(self) -> int:
+    """L + 1: the patch embedding plus one entry per block."""
+    return int(self.cfg.model.depth) + 1
+
+  @property
+  def token_rate(self) -> float:
+    """Tokens per second per frequency band (25 for the released front-end)."""
+    return self.frontend.frames_per_second / self.cfg.model.patch_time
+
+  def feature_dim(self, kind: str) -> int:
+    return self.cfg.model.width * (self.grid[1] if kind == "freqcat" else 1)
+
+  # ---------------------------------------------------------------- compute
+  def spectrogram(self, wave):
+    """Log-mel [..., frames, n_mels] of 24 kHz mono samples (jnp front-end)."""
+    return frontend.log_mel_jnp(wave, self.frontend)
+
+  def encode(self, spectrogram):
+    """(final tokens [B, N, D], layers [L+1, B, N, D]) of spectrograms [B, T, F]."""
+    return models.make_encoder(self.cfg).apply({"params": self.params}, spectrogram,
+                                               return_layers=True)
+
+  def _compiled(self, kind: str):
+    if kind not in READOUTS:
+      raise ValueError(f"readout {kind!r} not in {READOUTS}")
+    if kind not in self._forward:
+      def forward(params, waves):
+        spec = frontend.log_mel_jnp(waves, self.frontend)
+        _, layers = models.make_encoder(self.cfg).apply({"params": params}, spec,
+                                                        return_layers=True)
+        return readout(layers, self.grid, kind)
+      batch = sharding.batch_sharding(self.mesh)
+      self._forward[kind] = jax.jit(
+          forward, in_shardings=(sharding.replicated(self.mesh), batch),
+          out_shardings=jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(
+              None, sharding.DATA_AXES)))
+    return self._forward[kind]
+
+  def embed_windows(self, windows: np.ndarray, readout: str = "freqcat") -> np.ndarray:
+    """[n, window_samples] windows -> [L+1, n, D'] features, in fixed-size batches."""
+    windows = np.asarray(windows, np.float32)
+    if windows.ndim != 2 or windows.shape[1] != self.window_samples:
+      raise ValueError(f"windows must be [n, {self.window_samples}], got {windows.shape}")
+    forward = self._compiled(readout)
+    out = []
+    for start in range(0, windows.shape[0], self.batch_size):
+      batch = windows[start:start + self.batch_size]
+      n = batch.shape[0]
+      if n < self.batch_size:
+        batch = np.concatenate([batch, np.zeros((self.batch_size - n, batch.shape[1]),
+                                                np.float32)])
+      out.append(np.asarray(forward(self.params, batch))[:, :n])
+    return np.concatenate(out, axis=1)
+
+  def windows(self, wave: np.ndarray, hop_seconds: float | None = None) -> np.ndarray:
+    hop = self.window_samples if hop_seconds is None else int(round(hop_seconds *
+                                                                    self.sample_rate))
+    return split_windows(wave, self.window_samples, hop, self.short_policy)
+
+  def embed(self, wave, sample_rate: int, readout: str = "freqcat", layers="all",
+            hop_seconds: float | None = None) -> np.ndarray:
+    """Features [n_layers, n_chunks, D'] of a waveform [samples(, channels)] at any rate."""
+    from data_pipelines import audio
+    wave = np.asarray(wave)
+    if wave.size == 0 or not np.all(np.isfinite(wave)):
+      raise ValueError("waveform is empty or holds NaN/Inf samples")
+    mono = audio.prepare_waveform(wave, int(sample_rate), self.sample_rate)
+    feats = self.embed_windows(self.windows(mono, hop_seconds), readout)
+    return feats[select_layers(self.num_layers, layers)]
+
+
+def load(model_dir, batch_size: int = 8, short_policy: str = "loop") -> Model:
+  """The `Model` of an exported (or imported) model directory; refuses broken ones."""
+  md = export.read_model_dir(model_dir)
+  return Model(md.cfg, md.params, model_id=md.meta.get("model_id") or md.path.name,
+               meta=md.meta, batch_size=batch_size, short_policy=short_policy)
+
+
+# ------------------------------------------------------------------------ MARBLE export
+
+def _relpaths(input_path: pathlib.Path):
+  """(file, relative path) pairs: every audio file of a folder, or one file."""
+  from data_pipelines import audio
+  if input_path.is_file():
+    return [(input_path, pathlib.Path(input_path.name))]
+  if not input_path.exists():
+    raise FileNotFoundError(f"input {input_path} does not exist")
+  return [(f, f.relative_to(input_path)) for f in audio.list_audio_files(input_path)]
+
+
+def _decoded(files, sample_rate: int):
+  """Yields (index, waveform or None, error or None) per file, decoding one file ahead."""
+  from concurrent.futures import ThreadPoolExecutor
+  from data_pipelines import audio
+
+  def decode(path):
+    try:
+      return audio.load_audio(path, sample_rate), None
+    except audio.AudioDecodeError as e:
+      return None, e.reason
+
+  with ThreadPoolExecutor(max_workers=1) as pool:
+    pending = None
+    for i, (path, _) in enumerate(files):
+      future = pool.submit(decode, path)
+      if pending is not None:
+        yield pending[0], *pending[1].result()
+      pending = (i, future)
+    if pending is not None:
+      yield pending[0], *pending[1].result()
+
+
+def embed_folder(model: Model, input_path, out, readout: str = "freqcat", layers="all",
+                 window_seconds: float | None = None, hop_seconds: float | None = None,
+                 progress: bool = True) -> dict:
+  """Embed every audio file under `input_path` into `out` (MARBLE layout); returns meta.
+
+  Files that cannot be decoded are listed in meta["failed"] with the reason; the others
+  are embedded. Windows of consecutive files share batches.
+  """
+  if window_seconds is not None and abs(window_seconds - model.window_seconds) > 0.5 / \
+      model.frontend.frames_per_second:
+    raise ValueError(f"window_seconds={window_seconds} differs from the model's training "
+                     f"window of {model.window_seconds:.2f} s; rotary positions are "
+                     "normalised to the window, so only the training length is valid")
+  if readout not in READOUTS:
+    raise ValueError(f"readout {readout!r} not in {READOUTS}")
+  input_path, out = pathlib.Path(input_path), pathlib.Path(out)
+  files = _relpaths(input_path)
+  chosen = select_layers(model.num_layers, layers)
+  hop = model.window_seconds if hop_seconds is None else float(hop_seconds)
+  out.mkdir(parents=True, exist_ok=True)
+  failed, written = [], []
+  queue, owners = [], []  # pending windows and, per file with windows queued, its count
+
+  def flush(final: bool):
+    nonlocal queue
+    if not queue:
+      return
+    n_ready = len(queue) if final else len(queue) // model.batch_size * model.batch_size
+    if n_ready == 0:
+      return
+    feats = model.embed_windows(np.stack(queue[:n_ready]), readout)[chosen]
+    queue = queue[n_ready:]
+    offset = 0
+    while owners and offset + owners[0][1] - owners[0][2] <= n_ready:
+      index, total, done, parts = owners.pop(0)
+      take = total - done
+      parts.append(feats[:, offset:offset + take])
+      offset += take
+      _write(out, files[index][1], np.concatenate(parts, axis=1))
+      written.append(str(files[index][1]))
+    if owners and offset < n_ready:  # a file whose windows straddle this batch
+      owners[0][3].append(feats[:, offset:n_ready])
+      owners[0][2] += n_ready - offset
+
+  bar = None
+  if progress:
+    from tqdm import tqdm
+    bar = tqdm(total=len(files), desc="embed", unit="file")
+  try:
+    for index, wave, error in _decoded(files, model.sample_rate):
+      if error is not None:
+        failed.append({"path": str(files[index][1]), "reason": error})
+      else:
+        windows = model.windows(wave, hop)
+        queue.extend(windows)
+        owners.append([index, len(windows), 0, []])
+        flush(final=False)
+      if bar is not None:
+        bar.update(1)
+    flush(final=True)
+  finally:
+    if bar is not None:
+      bar.close()
+  meta = {"D": model.feature_dim(readout), "L": model.num_layers - 1,
+          "layers": chosen, "token_rate": model.token_rate,
+          "tokens_per_second": model.token_rate * model.grid[1],
+          "sample_rate": model.sample_rate, "readout": readout, "model_id": model.model_id,
+          "config_hash": model.meta.get("config_hash"), "step": model.meta.get("step"),
+          "window_seconds": model.window_seconds, "hop_seconds": hop,
+          "short_policy": model.short_policy, "shape": "[layers, n_chunks, D]",
+          "n_files": len(written), "files": written, "failed": failed}
+  (out / "meta.json").write_text(json.dumps(meta, indent=2))
+  return meta
+
+
+def _write(out: pathlib.Path, relpath: pathlib.Path, feats: np.ndarray) -> None:
+  target = out / (str(relpath) + ".npy")
+  target.parent.mkdir(parents=True, exist_ok=True)
+  np.save(target, feats.astype(np.float32))
+
+
+def _model_from_params(cfg, params, **kwargs) -> Model:
+  """A `Model` around in-memory encoder params (benchmarks, tests)."""
+  cfg = ml_collections.ConfigDict(cfg.to_dict())
+  cfg.compute_dtype = "float32"
+  return Model(cfg, jax.tree.map(jnp.asarray, params), **kwargs)
