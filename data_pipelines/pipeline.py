@@ -1,16 +1,16 @@
 """The pretraining input pipeline (Grain): audio records -> random crops -> log-mel batches.
 
     source (TFDS ArrayRecord dataset, or an audio folder decoded on the fly)
-      -> this process's shard (records process_index::process_count)
-      -> seeded shuffle, reshuffled every epoch, repeated forever
+      -> seeded shuffle, reshuffled every epoch, repeated forever (one global stream)
+      -> this process's slice of every global batch (only those records are read)
       -> random crop of `samples_for_frames(crop_frames)` samples (short tracks looped or
          zero-padded), NumPy log-mel front-end (pupujepa_jax.frontend, the one definition)
       -> local batches {"spectrogram": float32 [batch_size // process_count, frames, mels]}
       -> `mp_prefetch` worker processes (num_workers > 0)
 
-Every random choice comes from Grain's per-index RNG (seeded from the run seed), so the
-stream is a pure function of (seed, process, step): the same with 0 or N workers, and
-restorable from `iterator.get_state()`. The trainer stores that state in its orbax
+Every random choice is seeded from (run seed, global stream position), so global batches
+are a pure function of (seed, step): the same with 0 or N workers and with 1 or N
+processes (a 2-host run sees the batches a 1-host run sees), and restorable from `iterator.get_state()`. The trainer stores that state in its orbax
 checkpoint next to the model:
 
     ocp.args.Composite(state=..., data=pipeline.checkpoint_args_save(iterator))   # save
@@ -92,21 +92,26 @@ def take_crop(wave: np.ndarray, offset: int, crop_samples: int, short_policy: st
   raise ValueError(f"data.short_policy: {short_policy!r} not in {SHORT_POLICIES}")
 
 
-class CropLogMel(grain.transforms.RandomMap):
-  """Record -> {"spectrogram": [crop_frames, n_mels]} of a random crop (+ where it came from)."""
+class CropLogMel(grain.transforms.Map):
+  """[(stream position, (record index, record))] -> a local batch of random log-mel crops.
+
+  Each crop's randomness comes from (seed, global stream position) alone, so an example
+  is the same whichever process, worker or batch slice computes it.
+  """
 
   def __init__(self, frontend_cfg: frontend_lib.FrontendConfig, crop_frames: int,
-               short_policy: str, with_metadata: bool = False):
+               short_policy: str, seed: int, with_metadata: bool = False):
     self._frontend = frontend_cfg
     self._crop_samples = frontend_cfg.samples_for_frames(crop_frames)
     self._short_policy = short_policy
+    self._seed = seed
     self._with_metadata = with_metadata
 
-  def random_map(self, element, rng: np.random.Generator) -> dict:
-    index, record = element
+  def _example(self, position: int, index: int, record) -> dict:
     wave = ingest_lib.pcm_to_float(record["audio"])
     if wave.shape[0] == 0:
       raise ValueError(f"record {index} ({record.get('path')!r}) holds no audio")
+    rng = np.random.default_rng(_derive_seed(self._seed, 1, position))
     offset = draw_offset(wave.shape[0], self._crop_samples, self._short_policy, rng)
     crop = take_crop(wave, offset, self._crop_samples, self._short_policy)
     out = {"spectrogram": frontend_lib.log_mel_np(crop, self._frontend)}
@@ -114,10 +119,18 @@ class CropLogMel(grain.transforms.RandomMap):
       out.update(record_index=np.int64(index), offset=np.int64(offset))
     return out
 
+  def map(self, elements) -> dict:
+    examples = [self._example(pos, index, record) for pos, (index, record) in elements]
+    return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
 
 def _with_record_index(num_records: int, index: int, record) -> tuple[int, dict]:
   # Later epochs ask Grain's source for index + epoch * len, which it wraps around.
   return index % num_records, record
+
+
+def _with_position(position: int, element) -> tuple[int, tuple]:
+  return position, element
 
 
 def _derive_seed(*parts: int) -> int:
@@ -164,17 +177,18 @@ def make_pretrain_dataset(data_cfg, frontend_cfg: frontend_lib.FrontendConfig, *
   if data_cfg.short_policy not in SHORT_POLICIES:
     raise ValueError(f"data.short_policy: {data_cfg.short_policy!r} not in {SHORT_POLICIES}")
   source = open_source(data_cfg, frontend_cfg)
-  if len(source) < process_count:
-    raise ValueError(f"data.path: {data_cfg.path} holds {len(source)} records, fewer than "
-                     f"the {process_count} processes that each need a shard")
+  local_batch = data_cfg.batch_size // process_count
   ds = grain.MapDataset.source(source).map_with_index(
       functools.partial(_with_record_index, len(source)))
+  # One global stream for all processes: seeded shuffle (a new order every epoch), tagged
+  # with stream positions; global batch b is local slices b*P .. b*P + P-1, and process p
+  # takes slice p of each. So batches are identical for any process count, and a process
+  # only reads the records of its own slice.
+  ds = ds.shuffle(seed=_derive_seed(seed, 0)).repeat(None).map_with_index(_with_position)
+  ds = ds.batch(local_batch, drop_remainder=True, batch_fn=list)
   ds = ds[process_index::process_count]
-  ds = ds.shuffle(seed=_derive_seed(seed, 0)).repeat(None)
-  # Per-process crop seed: hosts draw different offsets for their i-th example.
-  crop = CropLogMel(frontend_cfg, data_cfg.crop_frames, data_cfg.short_policy, with_metadata)
-  ds = ds.random_map(crop, seed=_derive_seed(seed, 1, process_index))
-  ds = ds.batch(data_cfg.batch_size // process_count, drop_remainder=True)
+  ds = ds.map(CropLogMel(frontend_cfg, data_cfg.crop_frames, data_cfg.short_policy, seed,
+                         with_metadata))
   # Batching before to_iter_dataset: each worker (or read thread) builds whole batches.
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1,
                                             prefetch_buffer_size=data_cfg.prefetch_buffer))

@@ -86,8 +86,8 @@ def train_step(state: dict, batch: dict, *, cfg) -> tuple[dict, dict]:
       "learning_rate": optim.learning_rate(cfg)(step),
       "weight_decay": optim.weight_decay(cfg)(step),
       "ema_momentum": momentum,
-      "grad_norm": optax.global_norm(grads),
-      "param_norm": optax.global_norm(params),
+      "grad_norm": optax.tree.norm(grads),
+      "param_norm": optax.tree.norm(params),
       "teacher_std": objectives.feature_std(targets),
       "mask_strategy": masks.strategy,
   }
