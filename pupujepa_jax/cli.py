@@ -160,6 +160,52 @@ def cmd_report(args, extra):
   print(table, end="")
 
 
+def cmd_export(args, extra):
+  from pupujepa_jax import export
+  _print_json(export.export_workdir(args.workdir, args.out, step=args.step,
+                                    model_id=args.model_id))
+
+
+def cmd_import_torch(args, extra):
+  from pupujepa_jax import export
+  _print_json(export.import_torch(args.weights, args.args, args.out, model_id=args.model_id))
+
+
+def _parse_layers(text: str):
+  if text in ("all", "last"):
+    return text
+  return [int(x) for x in text.split(",")]
+
+
+def cmd_embed(args, extra):
+  from pupujepa_jax import inference
+  model = inference.load(args.model, batch_size=args.batch_size, short_policy=args.short_policy)
+  meta = inference.embed_folder(model, args.input, args.out, readout=args.readout,
+                                layers=_parse_layers(args.layers),
+                                window_seconds=args.window_seconds,
+                                hop_seconds=args.hop_seconds, progress=not args.no_progress)
+  _print_json({k: meta[k] for k in ("D", "L", "readout", "n_files", "failed", "model_id")})
+
+
+def cmd_attention(args, extra):
+  from data_pipelines import audio
+  from pupujepa_jax import inference, viz
+  if (args.model is None) == (args.workdir is None):
+    raise ValueError("give exactly one of --model (encoder attention) or --workdir "
+                     "(predictor attention from a training checkpoint)")
+  query = tuple(int(x) for x in args.query.split(",")) if args.query else None
+  if args.model is not None:
+    model = inference.load(args.model)
+    wave = audio.load_audio(args.audio, model.sample_rate)
+    info = viz.encoder_attention_png(model, wave, model.sample_rate, args.out, args.layer,
+                                     query, args.start_seconds)
+  else:
+    wave = audio.load_audio(args.audio, 24_000)
+    info = viz.predictor_attention_png(args.workdir, wave, 24_000, args.out, args.layer,
+                                       query, args.step, args.seed)
+  _print_json(info)
+
+
 # ------------------------------------------------------------------------------ parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -256,6 +302,46 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--sweep", required=True, help="the sweep dir")
   p.add_argument("--out", default=None, help="also write the table here")
   p.set_defaults(func=cmd_report)
+
+  p = sub.add_parser("export", help="teacher of a workdir checkpoint -> model dir")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  p.add_argument("--out", required=True, help="model dir to write")
+  p.add_argument("--model_id", default=None)
+  p.set_defaults(func=cmd_export)
+
+  p = sub.add_parser("import-torch", help="released PyTorch checkpoint -> model dir")
+  p.add_argument("--weights", required=True, help="model.safetensors of the release")
+  p.add_argument("--args", required=True, help="args.json of the release")
+  p.add_argument("--out", required=True)
+  p.add_argument("--model_id", default=None)
+  p.set_defaults(func=cmd_import_torch)
+
+  p = sub.add_parser("embed", help="audio folder or file -> MARBLE feature layout")
+  p.add_argument("--model", required=True, help="model dir (export / import-torch)")
+  p.add_argument("--input", required=True, help="audio folder or file")
+  p.add_argument("--out", required=True, help="feature dir")
+  p.add_argument("--readout", default="freqcat", choices=["freqcat", "mean"])
+  p.add_argument("--layers", default="all", help="all, last or comma-separated indices")
+  p.add_argument("--window_seconds", type=float, default=None,
+                 help="must equal the training window (default: it)")
+  p.add_argument("--hop_seconds", type=float, default=None, help="default: the window")
+  p.add_argument("--short_policy", default="loop", choices=["loop", "pad"])
+  p.add_argument("--batch_size", type=int, default=8, help="windows per batch")
+  p.add_argument("--no_progress", action="store_true")
+  p.set_defaults(func=cmd_embed)
+
+  p = sub.add_parser("attention", help="attention maps over the log-mel spectrogram (PNG)")
+  p.add_argument("--model", default=None, help="model dir: the teacher encoder's attention")
+  p.add_argument("--workdir", default=None, help="training workdir: the predictor's attention")
+  p.add_argument("--audio", required=True)
+  p.add_argument("--out", required=True, help="PNG file")
+  p.add_argument("--layer", type=int, default=-1, help="block index (default: last)")
+  p.add_argument("--query", default=None, help="TIME,FREQ token of the query (default: centre)")
+  p.add_argument("--start_seconds", type=float, default=0.0, help="window start (--model)")
+  p.add_argument("--step", type=int, default=None, help="checkpoint step (--workdir)")
+  p.add_argument("--seed", type=int, default=0, help="mask seed (--workdir)")
+  p.set_defaults(func=cmd_attention)
   return parser
 
 
