@@ -32,7 +32,7 @@ class Run:
   name: str
   overrides: dict        # the sweep file's overrides (dotted field -> value)
   config: object         # the validated ml_collections.ConfigDict
-  workdir: pathlib.Path
+  workdir: str           # `<sweep_dir>/<name>`; a string so gs:// dirs keep their '//'
   train_args: list       # `pupujepa train` arguments (config spec, workdir, overrides)
 
 
@@ -96,7 +96,7 @@ def expand(spec: str, sweep_dir, extra_overrides=(), only=None) -> list[Run]:
       raise config_lib.ConfigError(f"{path}: no runs named {unknown}; known: "
                                    f"{[e['name'] for e in entries]}")
     entries = [e for e in entries if e["name"] in set(only)]
-  sweep_dir = pathlib.Path(sweep_dir)
+  sweep_dir = str(sweep_dir).rstrip("/")
   runs = []
   for entry in entries:
     args = override_args(entry["overrides"]) + list(extra_overrides)
@@ -107,9 +107,9 @@ def expand(spec: str, sweep_dir, extra_overrides=(), only=None) -> list[Run]:
       config_lib.validate(cfg)
     except (config_lib.ConfigError, TypeError) as e:
       raise config_lib.ConfigError(f"{path}: run {entry['name']!r}: {e}") from e
-    workdir = sweep_dir / entry["name"]
+    workdir = f"{sweep_dir}/{entry['name']}"
     runs.append(Run(entry["name"], dict(entry["overrides"]), cfg, workdir,
-                    ["--config", spec, "--workdir", str(workdir), *args]))
+                    ["--config", spec, "--workdir", workdir, *args]))
   return runs
 
 
@@ -132,7 +132,7 @@ def train_command(run: Run) -> str:
 
 def is_finished(run: Run) -> bool:
   """True when the run's metrics.jsonl has logged its last step (total_steps - 1)."""
-  path = run.workdir / "metrics.jsonl"
+  path = pathlib.Path(run.workdir) / "metrics.jsonl"
   if not path.exists():
     return False
   records = metrics_lib.read_jsonl(path)
@@ -141,7 +141,7 @@ def is_finished(run: Run) -> bool:
 
 def manifest(runs: list[Run], spec: str) -> dict:
   return {"config": spec, "runs": [{"name": r.name, "overrides": r.overrides,
-                                    "workdir": str(r.workdir)} for r in runs]}
+                                    "workdir": r.workdir} for r in runs]}
 
 
 def write_manifest(runs: list[Run], spec: str, directory) -> pathlib.Path:
@@ -248,16 +248,19 @@ def emit(runs: list[Run], spec: str, kind: str, out_dir, opts: EmitOptions | Non
   out_dir = pathlib.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   write_manifest(runs, spec, out_dir)
-  sweep_dirs = sorted({str(r.workdir.parent) for r in runs})
+  sweep_dirs = sorted({r.workdir.rsplit("/", 1)[0] for r in runs})
   submit = ["#!/bin/bash", "set -euo pipefail", 'here="$(cd "$(dirname "$0")" && pwd)"']
-  submit += [f'mkdir -p {shlex.quote(d)} && cp "$here/{MANIFEST}" {shlex.quote(d)}/'
-             for d in sweep_dirs]
+  for d in sweep_dirs:
+    if d.startswith("gs://"):
+      submit.append(f'gcloud storage cp "$here/{MANIFEST}" {shlex.quote(d)}/')
+    else:
+      submit.append(f'mkdir -p {shlex.quote(d)} && cp "$here/{MANIFEST}" {shlex.quote(d)}/')
   written = []
   for run in runs:
     if kind == "slurm":
       path, text = out_dir / f"{run.name}.sbatch", slurm_script(run, opts)
       # SLURM opens the --output file in the workdir before the job starts.
-      submit.append(f'mkdir -p {shlex.quote(str(run.workdir))} && sbatch "$here/{path.name}"')
+      submit.append(f'mkdir -p {shlex.quote(run.workdir)} && sbatch "$here/{path.name}"')
     else:
       path, text = out_dir / f"{run.name}.sh", tpu_script(run, opts)
       submit.append(f'bash "$here/{path.name}"')
