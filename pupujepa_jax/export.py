@@ -126,9 +126,9 @@ def check_tensors(tensors: dict, cfg, source) -> None:
   expected = expected_tensors(cfg)
   missing = sorted(set(expected) - set(tensors))
   unexpected = sorted(set(tensors) - set(expected))
-  wrong = [f"{k} has shape {tuple(tensors[k].shape)}, the config expects {expected[k]}"
-           for k in sorted(set(expected) & set(tensors))
-           if tuple(tensors[k].shape) != expected[k]]
+  wrong = [f"{k} has shape {tuple(tensors[k].shape)}, the config expects {shape}"
+           for k, shape in expected.items()  # mapping order: patch embedding first
+           if k in tensors and tuple(tensors[k].shape) != shape]
   problems = []
   if missing:
     problems.append(f"missing tensors {missing[:6]}" + (" ..." if len(missing) > 6 else ""))
@@ -136,7 +136,7 @@ def check_tensors(tensors: dict, cfg, source) -> None:
     problems.append(f"unexpected tensors {unexpected[:6]}"
                     + (" ..." if len(unexpected) > 6 else ""))
   if wrong:
-    problems.append("; ".join(wrong[:4]))
+    problems.append(f"{len(wrong)} tensors of the wrong shape: " + "; ".join(wrong[:3]))
   if problems:
     raise ModelDirError(f"{source} does not match its architecture "
                         f"(width={cfg.model.width}, depth={cfg.model.depth}): "

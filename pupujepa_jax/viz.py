@@ -270,7 +270,7 @@ def predictor_attention_png(workdir, wave, sample_rate: int, out, layer: int = -
   patch = (cfg.model.patch_time, cfg.model.patch_freq)
   fig = attention_figure(spectrogram, maps, query, patch, fcfg.frames_per_second,
                          title=f"predictor block {layer} (step {step}):")
-  fig.axes[2].set_title("attention to context tokens only (targets, inside cyan, blanked)")
+  fig.axes[2].set_title("attention to the context tokens (outlined in cyan); masked targets left blank")
   fig.axes[2].contour(np.linspace(0, spectrogram.shape[0] / fcfg.frames_per_second,
                                   spectrogram.shape[0]), np.arange(spectrogram.shape[1]),
                       np.kron(hidden.reshape(grid), np.ones(patch)).T, levels=[0.5],

@@ -1,0 +1,58 @@
+"""Shared builders for the export / embed / attention tests: a smoke config, synthetic
+audio files, and a training workdir holding one checkpoint (written by the project's own
+`trainer.prepare_workdir` and `checkpointing.save`, without compiling a train step)."""
+import pathlib
+
+import jax
+import numpy as np
+import soundfile
+
+from pupujepa_jax import checkpointing, config as config_lib, sharding, train_step, trainer
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def smoke_cfg(audio_dir=""):
+  cfg = config_lib.load_config(str(REPO / "experiments/pupujepa.py:smoke"))
+  cfg.data.source = "folder"
+  cfg.data.path = str(audio_dir)
+  return cfg
+
+
+def write_tone(path, seconds, sample_rate=24_000, channels=1, freq=440.0, seed=0):
+  """A noisy tone (distinct per freq/seed) as a wav file."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  t = np.arange(int(seconds * sample_rate)) / sample_rate
+  noise = np.random.default_rng(seed).standard_normal((t.size, channels))
+  wave = 0.3 * np.sin(2 * np.pi * freq * t)[:, None] + 0.05 * noise
+  soundfile.write(str(path), wave.astype(np.float32).squeeze(), sample_rate)
+  return path
+
+
+def make_workdir(base, step=3):
+  """A workdir with a checkpoint at `step` whose teacher differs from the student.
+
+  Reused when `base` already holds one (several test modules share a session's tmp dir).
+  """
+  base = pathlib.Path(base)
+  workdir = base / "workdir"
+  if (workdir / "checkpoints" / str(step)).exists():
+    return workdir
+  audio = base / "train_audio"
+  for i in range(2):
+    write_tone(audio / f"t{i}.wav", 1.0, freq=300.0 + 100 * i, seed=i)
+  cfg = smoke_cfg(audio)
+  trainer.prepare_workdir(cfg, workdir)
+  mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
+  state = train_step.create_sharded_state(cfg, mesh)
+  # A teacher unlike the student, so an export of the wrong subtree is caught.
+  leaves, tree = jax.tree.flatten(state["teacher"])
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  state["teacher"] = jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape)
+                                               for x, k in zip(leaves, keys)])
+  manager = checkpointing.make_manager(workdir)
+  checkpointing.save(manager, step, state, force=True)
+  manager.wait_until_finished()
+  manager.close()
+  return workdir
