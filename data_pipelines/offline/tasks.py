@@ -115,9 +115,9 @@ def _active_parts(piece: corpus.Piece, quarter_s: float, start_s: float, seconds
 
 # ------------------------------------------------------------------------------ designs
 
-def _design_key(rng, piece):
+def _design_key(rng, piece, slot):
   tonic, mode = piece.key
-  target = int(rng.integers(12))
+  target = slot % 12  # The piece pool follows the slot's mode (see `plan_task`).
   bpm = float(rng.uniform(60.0, 130.0))
   quarter_s = piece.quarter_seconds(bpm)
   duration = piece.length * quarter_s
@@ -131,7 +131,7 @@ def _design_key(rng, piece):
               **_effects(rng, (10.0, 40.0)))
 
 
-def _design_instruments(rng, piece):
+def _design_instruments(rng, piece, slot):
   bpm = float(rng.uniform(*corpus.CORPUS_BPM))
   quarter_s = piece.quarter_seconds(bpm)
   start = _excerpt(rng, piece, quarter_s, CLIP_SECONDS)
@@ -139,7 +139,9 @@ def _design_instruments(rng, piece):
   if not active:
     raise ValueError(f"{piece.id}: no part sounds in the excerpt")
   k = min(len(active), int(rng.choice([1, 2, 3], p=[0.25, 0.4, 0.35])))
-  families = rng.choice(len(INSTRUMENT_FAMILIES), k, replace=False)
+  first = slot % len(INSTRUMENT_FAMILIES)
+  others = [f for f in range(len(INSTRUMENT_FAMILIES)) if f != first]
+  families = [first] + [int(f) for f in rng.choice(others, k - 1, replace=False)]
   voices = rng.permutation(active)
   assign = {int(v): int(families[i]) if i < k else int(rng.choice(families))
             for i, v in enumerate(voices)}
@@ -153,10 +155,11 @@ def _design_instruments(rng, piece):
               **_effects(rng, (10.0, 40.0)))
 
 
-def _design_pitch(rng, piece):
+def _design_pitch(rng, piece, slot):
   quality = str(rng.choice(list(CHORD_QUALITIES)))
   inversion = int(rng.integers(len(CHORD_QUALITIES[quality])))
-  bass, pitches = _chord_pitches(rng, quality, int(rng.integers(12)), inversion, 36, 66)
+  root = (slot - CHORD_QUALITIES[quality][inversion]) % 12  # The bass is pitch class `slot`.
+  bass, pitches = _chord_pitches(rng, quality, root, inversion, 36, 66)
   on = float(rng.uniform(0.2, 0.8))
   return dict(label=corpus.PITCH_NAMES[bass % 12], pitches=pitches,
               programs=_programs(rng, 1), onsets=[on] * len(pitches),
@@ -165,8 +168,8 @@ def _design_pitch(rng, piece):
               **_effects(rng, (5.0, 30.0)))
 
 
-def _design_chord(rng, piece):
-  quality = str(rng.choice(list(CHORD_QUALITIES)))
+def _design_chord(rng, piece, slot):
+  quality = list(CHORD_QUALITIES)[slot % len(CHORD_QUALITIES)]
   inversion = int(rng.integers(len(CHORD_QUALITIES[quality])))
   _, pitches = _chord_pitches(rng, quality, int(rng.integers(12)), inversion, 40, 64)
   on = float(rng.uniform(0.2, 0.8))
@@ -179,7 +182,7 @@ def _design_chord(rng, piece):
               **_effects(rng, (10.0, 35.0)))
 
 
-def _design_tempo(rng, piece):
+def _design_tempo(rng, piece, slot):
   bpm = float(rng.uniform(*TEMPO_BPM))
   quarter_s = 60.0 / bpm  # Tempo pieces have quarter-note beats.
   n = len(piece.parts)
@@ -208,7 +211,9 @@ def plan_task(task: str, pieces: list[corpus.Piece], n: int, seed: int) -> list[
   """Specs of `n` examples of `task`: name, piece, split, label and render parameters.
 
   Each split gets its share of the examples (at least one), drawn round-robin over the
-  eligible pieces of that split in a seeded order.
+  eligible pieces of that split in a seeded order. Class labels cycle with the example's
+  slot in its split (key class, first instrument family, bass pitch class, chord quality),
+  so classes are balanced and every class of a smaller split also occurs in train.
   """
   if task not in TASK_INFO:
     raise ValueError(f"unknown task {task!r}; known: {TASKS}")
@@ -222,11 +227,18 @@ def plan_task(task: str, pieces: list[corpus.Piece], n: int, seed: int) -> list[
     if not pool:
       raise ValueError(f"task {task!r}: no eligible piece in split {split!r} among "
                        f"{len(pieces)} pieces; load more pieces")
-    order = rng.permutation(len(pool))
-    for j in range(count):
-      piece = pool[order[j % len(pool)]]
+    pool = [pool[i] for i in rng.permutation(len(pool))]
+    subpools = {"": pool}
+    if task == "key":  # Key slots 0-11 are major keys, 12-23 minor keys.
+      for mode in ("major", "minor"):
+        subpools[mode] = [p for p in pool if p.key[1] == mode] or pool
+    used = {name: 0 for name in subpools}
+    for slot in range(count):
+      sub = "" if task != "key" else ("major" if slot % 24 < 12 else "minor")
+      piece = subpools[sub][used[sub] % len(subpools[sub])]
+      used[sub] += 1
       index = len(specs)
-      spec = _DESIGNS[task](np.random.default_rng([seed, 4, task_index, index]), piece)
+      spec = _DESIGNS[task](np.random.default_rng([seed, 4, task_index, index]), piece, slot)
       spec.update(name=f"audio/{index:05d}_{piece.id.replace('/', '_')}.wav",
                   piece=piece.id, split=split, task=task)
       specs.append(spec)
