@@ -246,11 +246,12 @@ def predictor_attention_png(workdir, wave, sample_rate: int, out, layer: int = -
   window = np.resize(mono, fcfg.samples_for_frames(cfg.data.crop_frames))
   spectrogram = np.asarray(frontend.log_mel_jnp(window, fcfg))
   grid = config_lib.grid_shape(cfg)
-  masks = masking.sample_masks(jax.random.key(seed), step, grid, 1, cfg.mask)
+  masks = jax.jit(masking.sample_masks, static_argnums=(2, 3, 4))(
+      jax.random.key(seed), step, grid, 1, masking.mask_params(cfg.mask))
   depth = cfg.predictor.depth
   layer = layer % depth if -depth <= layer < depth else layer
-  weights, _ = predictor_attention(cfg, state["params"], spectrogram[None], masks.context,
-                                   masks.target, layer)
+  attention = jax.jit(functools.partial(predictor_attention, cfg, layer=layer))
+  weights, _ = attention(state["params"], spectrogram[None], masks.context, masks.target)
   context, target = np.asarray(masks.context[0]), np.asarray(masks.target[0])
   want = (grid[0] // 2, grid[1] // 2) if query is None else tuple(query)
   # The query is the target slot closest to the requested patch.

@@ -1,13 +1,15 @@
 """Shared builders for the export / embed / attention tests: a smoke config, synthetic
 audio files, and a training workdir holding one checkpoint (written by the project's own
 `trainer.prepare_workdir` and `checkpointing.save`, without compiling a train step)."""
+import functools
 import pathlib
 
 import jax
 import numpy as np
 import soundfile
 
-from pupujepa_jax import checkpointing, config as config_lib, sharding, train_step, trainer
+from pupujepa_jax import checkpointing, config as config_lib, models, sharding, train_step
+from pupujepa_jax import trainer
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -56,3 +58,8 @@ def make_workdir(base, step=3):
   manager.wait_until_finished()
   manager.close()
   return workdir
+
+
+def init_params(cfg, seed=0) -> dict:
+  """`models.init_params`, jitted (eager Flax init runs op by op: much slower on CPU)."""
+  return jax.jit(functools.partial(models.init_params, cfg))(jax.random.key(seed))

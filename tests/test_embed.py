@@ -27,7 +27,7 @@ def test_window_starts_cover_the_clip_and_end_aligned():
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
   cfg = model_fixtures.smoke_cfg()
-  params = models.init_params(cfg, jax.random.key(0))["encoder"]
+  params = model_fixtures.init_params(cfg, 0)["encoder"]
   out = tmp_path_factory.mktemp("model")
   export.write_model_dir(out, params, cfg, step=0, cfg_hash="test", model_id="smoke-init",
                          source="test")

@@ -177,7 +177,7 @@ def test_import_torch_refuses_unusable_checkpoints(tmp_path):
 
 def test_unprefixed_weights_with_inferred_architecture(tmp_path):
   cfg = model_fixtures.smoke_cfg()
-  params = models.init_params(cfg, jax.random.key(0))["encoder"]
+  params = model_fixtures.init_params(cfg, 0)["encoder"]
   flat = torch_import.encoder_to_torch(params, models.encoder_spec(cfg))
   weights = tmp_path / "w.safetensors"
   safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in flat.items()},
