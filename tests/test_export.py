@@ -187,3 +187,18 @@ def test_unprefixed_weights_with_inferred_architecture(tmp_path):
   # Width, depth, SwiGLU, QK-norm and heads (from the q_norm size) come from the weights.
   assert info["prefix"] == "" and info["model"]["num_heads"] == 2
   assert info["model"]["swiglu"] and info["model"]["qk_norm"] and info["model"]["depth"] == 2
+
+
+@pytest.mark.slow
+def test_export_of_a_real_training_run(tmp_path):
+  """A workdir written by `trainer.train` (state and data iterator items) exports."""
+  from pupujepa_jax import trainer
+  for i in range(2):
+    model_fixtures.write_tone(tmp_path / "audio" / f"{i}.wav", 1.0, freq=200.0 * (i + 1))
+  cfg = model_fixtures.smoke_cfg(tmp_path / "audio")
+  trainer.train(cfg, tmp_path / "run", stop_after=1, progress=False)
+  assert cli.main(["export", "--workdir", str(tmp_path / "run"), "--out",
+                   str(tmp_path / "m")]) == 0
+  model = pupujepa_jax.load(tmp_path / "m")
+  assert model.meta["step"] == 1 and model.meta["model_id"] == "run@1"
+  assert model.embed(np.ones(24_000, np.float32), 24_000).shape == (3, 2, 8 * 64)
