@@ -51,7 +51,7 @@ def default_examples(hours: float) -> int:
 
 def default_pieces(hours: float, examples: int) -> int:
   """How many scores to parse: enough for variety, few enough to parse in seconds."""
-  return int(np.clip(hours * 30 + examples / 4, MIN_PIECES, 400))
+  return int(np.clip(hours * 25 + examples / 6, MIN_PIECES, 400))
 
 
 # ------------------------------------------------------------------------------ workers
@@ -120,8 +120,9 @@ def _cached_summary(out_dir: str, digest: str) -> dict | None:
   return summary
 
 
-def _prepare_out_dir(out_dir: str, digest: str):
-  """Clears outputs of a build with other arguments; keeps those of an interrupted one."""
+def _prepare_out_dir(out_dir: str, args: dict, digest: str):
+  """Clears outputs of a build with other arguments (an interrupted build with the same
+  arguments keeps its files), then stamps the folder with these arguments."""
   os.makedirs(out_dir, exist_ok=True)
   stamp = os.path.join(out_dir, "build_args.json")
   if os.path.isfile(stamp):
@@ -130,10 +131,10 @@ def _prepare_out_dir(out_dir: str, digest: str):
         return
   for sub in ("corpus", "tasks"):
     shutil.rmtree(os.path.join(out_dir, sub), ignore_errors=True)
-  for name in ("summary.json", stamp):
-    if os.path.isfile(os.path.join(out_dir, name)):
-      os.remove(os.path.join(out_dir, name))
-  return stamp
+  if os.path.isfile(os.path.join(out_dir, "summary.json")):
+    os.remove(os.path.join(out_dir, "summary.json"))
+  with open(stamp, "w") as f:
+    json.dump({**args, "args_hash": digest}, f)
 
 
 def _load_pieces(sources, cache_dir, pool, progress):
@@ -182,10 +183,7 @@ def build_offline(out_dir: str, hours: float = 2.0, seed: int = 0, num_workers: 
   cached = _cached_summary(out_dir, digest)
   if cached is not None:
     return {**cached, "cached": True, "seconds_wall": round(time.time() - t0, 3)}
-  stamp = _prepare_out_dir(out_dir, digest)
-  if stamp:
-    with open(stamp, "w") as f:
-      json.dump({**args, "args_hash": digest}, f)
+  _prepare_out_dir(out_dir, args, digest)
 
   sources = corpus.select_sources(default_pieces(hours, examples), seed)
   ctx = multiprocessing.get_context("spawn")  # Fork is unsafe once JAX threads exist.
