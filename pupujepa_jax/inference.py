@@ -18,12 +18,10 @@ Readouts: `freqcat` concatenates the W frequency tokens of each 25 Hz time step
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import pathlib
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -319,9 +317,3 @@ def _write(out: pathlib.Path, relpath: pathlib.Path, feats: np.ndarray) -> None:
   target.parent.mkdir(parents=True, exist_ok=True)
   np.save(target, feats.astype(np.float32))
 
-
-def _model_from_params(cfg, params, **kwargs) -> Model:
-  """A `Model` around in-memory encoder params (benchmarks, tests)."""
-  cfg = ml_collections.ConfigDict(cfg.to_dict())
-  cfg.compute_dtype = "float32"
-  return Model(cfg, jax.tree.map(jnp.asarray, params), **kwargs)

@@ -160,7 +160,7 @@ def draw_log_mel(ax, spectrogram, frames_per_second: float = 100.0, title: str |
   return image
 
 
-def _overlay(ax, spectrogram, grid_map, patch, fps, title, fig, query=None, mask=None):
+def _overlay(ax, spectrogram, grid_map, patch, fps, title, fig, query=None):
   draw_log_mel(ax, spectrogram, fps, title=title, cmap="gray", alpha=0.55)
   t, m = np.shape(spectrogram)
   heat = np.kron(np.asarray(grid_map, np.float64), np.ones(patch))
@@ -168,10 +168,6 @@ def _overlay(ax, spectrogram, grid_map, patch, fps, title, fig, query=None, mask
   image = ax.imshow(heat.T, origin="lower", aspect="auto", cmap="inferno", alpha=0.6,
                     extent=(0, t / fps, 0, m), interpolation="nearest")
   fig.colorbar(image, ax=ax, label="attention weight", pad=0.01)
-  if mask is not None:
-    hidden = np.kron(np.asarray(mask, np.float64), np.ones(patch))
-    ax.contour(np.linspace(0, t / fps, t), np.arange(m), hidden.T, levels=[0.5],
-               colors="cyan", linewidths=0.6)
   if query is not None:
     _mark(ax, query, patch, fps)
 

@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from pupujepa_jax import cli, export, inference, models
+from pupujepa_jax import cli, export, inference
 from tests import model_fixtures
 
 
