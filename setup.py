@@ -29,13 +29,14 @@ setup(
         "matplotlib>=3.9",
         "tqdm>=4.66",
         "mir_eval>=0.8",
+        "librosa>=0.11",
         "scikit-learn>=1.5",
         "music21>=9.1",
         "pretty_midi>=0.2.10",
         "absl-py>=2.1",
     ],
     extras_require={
-        "test": ["pytest>=8.0", "pytest-xdist>=3.6", "librosa>=0.11", "pytest-timeout>=2.3"],
+        "test": ["pytest>=8.0", "pytest-xdist>=3.6", "pytest-timeout>=2.3"],
         # Test-only reference for parity with the released PyTorch model (timm EVA blocks).
         "reference": ["torch==2.14.1", "torchvision==0.29.1", "timm==1.0.28"],
     },

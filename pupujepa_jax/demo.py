@@ -237,7 +237,7 @@ def run(out, hours: float = 2.0, config_arg: str = "", seed: int = 0,
   with _stage("offline corpus and probe tasks", timings):
     data_summary = build_data(out, hours, seed)
   with _stage("pretraining", timings):
-    cfg, result = pretrain(out, config_arg)
+    cfg, _ = pretrain(out, config_arg)
   with _stage("export", timings):
     model_dirs = export_models(out, cfg)
   with _stage("embedding", timings):
@@ -251,7 +251,6 @@ def run(out, hours: float = 2.0, config_arg: str = "", seed: int = 0,
     pictures = draw_pictures(out, cfg, model_dirs, results)
   from pupujepa_jax import metrics
   train_metrics = metrics.read_jsonl(out / "pretrain" / "metrics.jsonl")[-1]
-  del result
   write_report(out, table, verdict, timings, pictures, data_summary, train_metrics)
   print(table)
   _log(f"report: {out / 'report.md'}; total {sum(timings.values()):.0f} s")
