@@ -8,7 +8,7 @@ Sized for a 2-core CPU machine (`make demo` runs it end to end). By hand:
 
 Arguments: data=PATH (dataset dir from `pupujepa data ingest`), steps=N, batch=N.
 The architecture keeps the released block flavour (SwiGLU, QK-norm, 2-D RoPE, 4x16
-patches) at a smaller size, and trains on 2.56 s crops (inference windows match).
+patches) at a smaller size, and trains on 1.28 s crops (inference windows match).
 """
 from pupujepa_jax import config as config_lib
 
@@ -17,8 +17,8 @@ def get_config(arg: str = ""):
   a = config_lib.parse_arg(arg, data="", steps=600, batch=32, lr=1e-3)
   c = config_lib.base_config("tiny")
   c.model.update(width=128, depth=4, num_heads=4)
-  c.predictor.update(width=96, depth=2, num_heads=3)
-  c.data.update(source="tfds", path=a.data, crop_frames=256, batch_size=a.batch,
+  c.predictor.update(width=64, depth=2, num_heads=2)
+  c.data.update(source="tfds", path=a.data, crop_frames=128, batch_size=a.batch,
                 num_workers=1)
   c.total_steps = a.steps
   c.optim.update(lr=a.lr, min_lr=1e-5, warmup_steps=max(1, a.steps // 10))
