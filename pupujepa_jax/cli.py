@@ -101,12 +101,9 @@ def cmd_data_offline(args, extra):
 
 
 def cmd_data_baselines(args, extra):
-  from data_pipelines import offline
-  from pupujepa_jax import probe
-  results = offline.compute_baselines(args.tasks, args.out, seed=args.seed)
-  rows = [dict(r, name=f"{task}/{features}") for task, by_feat in results.items()
-          for features, r in by_feat.items()]
-  print(probe.format_table(rows))
+  from data_pipelines.offline import baselines
+  print(baselines.format_scores(baselines.compute_baselines(args.tasks, args.out,
+                                                            seed=args.seed)))
 
 
 def cmd_data_build(args, extra):

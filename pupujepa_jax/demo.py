@@ -17,7 +17,6 @@ import time
 
 import numpy as np
 
-PROBE = dict(probe="mlp", layer="all", lr=(1e-3, 5e-3), max_epochs=100, patience=10)
 MODELS = ("pretrained", "random_init")
 
 
@@ -38,9 +37,11 @@ def _stage(name, timings):
   return _Timer()
 
 
-def build_data(out: pathlib.Path, hours: float, seed: int) -> dict:
+def build_data(out: pathlib.Path, hours: float, seed: int, tasks: list[str],
+               examples_per_task: int | None) -> dict:
   from data_pipelines import ingest, offline
-  summary = offline.build_offline(str(out / "data"), hours=hours, seed=seed)
+  summary = offline.build_offline(str(out / "data"), hours=hours, seed=seed,
+                                  tasks=tuple(tasks), examples_per_task=examples_per_task)
   ingest.ingest(out / "data" / "corpus", out / "data" / "corpus_tfds")
   return summary
 
@@ -78,8 +79,9 @@ def embed_tasks(out: pathlib.Path, model_dirs: dict, tasks: list[str]) -> dict:
       meta_file = feat_dir / "meta.json"
       if not (meta_file.exists() and json.loads(meta_file.read_text()).get("step") == step):
         model = model or inference.load(model_dir, batch_size=16)
-        meta = inference.embed_folder(model, out / "data" / "tasks" / task / "audio",
-                                      feat_dir, readout="freqcat", progress=False)
+        # Paths in labels.csv are relative to the task folder (audio/<clip>.wav).
+        meta = inference.embed_folder(model, out / "data" / "tasks" / task, feat_dir,
+                                      readout="freqcat", progress=False)
         meta_file.write_text(json.dumps(dict(meta, step=step), indent=1))
       features[(name, task)] = feat_dir
   return features
@@ -105,7 +107,7 @@ def probe_all(out: pathlib.Path, features: dict, seed: int) -> list[dict]:
   for (name, task), feat_dir in sorted(features.items()):
     labels = out / "data" / "tasks" / task / "labels.csv"
     result = probe.probe_features(str(feat_dir), str(labels), TASK_INFO[task].type,
-                                  seed=seed, **PROBE)
+                                  seed=seed, **probe.SMALL_DATA_PROTOCOL)
     results.append(dict(result, model=name, task_name=task))
     _log(f"probe {name:>20s} {task:>12s}: {result['main_metric']} = {result['score']:.3f}")
   (out / "probe_results.json").write_text(json.dumps(results, indent=1, default=float))
@@ -202,7 +204,7 @@ def write_report(out: pathlib.Path, table: str, verdict: dict, timings: dict,
       "# PupuJEPA CPU demo report", "",
       "Pretrained on the offline corpus rendered from music21 scores, then probed on five",
       "offline tasks with one protocol (MARBLE-style MLP probe, learned layer weights,",
-      f"lr grid {PROBE['lr']}) for the pretrained teacher, the same architecture with random",
+      "lr grid) for the pretrained teacher, the same architecture with random",
       "weights, and hand-crafted features (log-mel, chroma, MFCC mean/std).", "",
       "## Probe scores (test split, main metric)", "", table, "",
       f"- pretrained beats random-init on every task: **{beats_random}** "
@@ -228,14 +230,14 @@ def write_report(out: pathlib.Path, table: str, verdict: dict, timings: dict,
 
 
 def run(out, hours: float = 2.0, config_arg: str = "", seed: int = 0,
-        tasks: list[str] | None = None) -> dict:
+        tasks: list[str] | None = None, examples_per_task: int | None = None) -> dict:
   from data_pipelines.offline import TASKS
   out = pathlib.Path(out).absolute()
   out.mkdir(parents=True, exist_ok=True)
   tasks = list(tasks or TASKS)
   timings = {}
   with _stage("offline corpus and probe tasks", timings):
-    data_summary = build_data(out, hours, seed)
+    data_summary = build_data(out, hours, seed, tasks, examples_per_task)
   with _stage("pretraining", timings):
     cfg, _ = pretrain(out, config_arg)
   with _stage("export", timings):

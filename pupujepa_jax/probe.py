@@ -35,6 +35,10 @@ MAIN_METRIC = {"multiclass": "accuracy", "multilabel": "roc_auc", "regression": 
                "key": "weighted_score"}
 TASKS = tuple(MAIN_METRIC)
 PROBES = ("mlp", "linear")
+# The protocol of `make demo` and `pupujepa data baselines`, for every model and feature
+# set alike: a few hundred clips need MARBLE's optional learning-rate grid.
+SMALL_DATA_PROTOCOL = dict(probe="mlp", layer="all", lr=(1e-3, 5e-3), max_epochs=100,
+                           patience=10)
 SPLITS = ("train", "valid", "test")
 HIDDEN = 512
 DROPOUT = 0.2

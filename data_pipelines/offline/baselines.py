@@ -116,8 +116,20 @@ def compute_baselines(tasks_dir: str, out_dir: str | None = None, seed: int = 0)
     for fs in FEATURE_SETS:
       result = probe.probe_features(os.path.join(task_out, fs),
                                     os.path.join(tasks_dir, task, "labels.csv"),
-                                    TASK_INFO[task].type, probe="mlp", seed=seed)
+                                    TASK_INFO[task].type, seed=seed,
+                                    **probe.SMALL_DATA_PROTOCOL)
       scores[task][fs] = result["test"]
   with open(os.path.join(out_dir, "scores.json"), "w") as f:
     json.dump(scores, f, indent=1)
   return scores
+
+
+def format_scores(scores: dict) -> str:
+  """Markdown table task x feature set of the tasks' main test metric."""
+  lines = ["| task | metric | " + " | ".join(FEATURE_SETS) + " |",
+           "|---|---|" + "---|" * len(FEATURE_SETS)]
+  for task, by_set in sorted(scores.items()):
+    metric = TASK_INFO[task].main_metric
+    lines.append(f"| {task} | {metric} | " +
+                 " | ".join(f"{by_set[fs][metric]:.3f}" for fs in FEATURE_SETS) + " |")
+  return "\n".join(lines)
