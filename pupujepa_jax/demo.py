@@ -213,7 +213,8 @@ def write_report(out: pathlib.Path, table: str, verdict: dict, timings: dict,
       f"{[t for t, v in verdict['beats_best_baseline'].items() if v]} (target: at least 2)",
       "", f"![probe scores]({pictures['probe_scores']})", "",
       "## Training", "",
-      f"Final step {train_metrics.get('step')}, loss {train_metrics.get('loss', float('nan')):.4f}, "
+      f"Steps trained: {train_metrics.get('step', -1) + 1}; last loss "
+      f"{train_metrics.get('loss', float('nan')):.4f}, "
       f"teacher feature std {train_metrics.get('teacher_std', float('nan')):.3f}.", "",
       f"![training curves]({pictures['curves']})", "",
       "## Masks (one sample per strategy; dark = target)", "", f"![masks]({pictures['masks']})",

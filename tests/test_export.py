@@ -13,7 +13,6 @@ import pupujepa_jax
 from pupujepa_jax import checkpointing, cli, export, frontend, models, sharding, train_step
 from pupujepa_jax.models import torch_import
 from tests import model_fixtures, torch_reference
-from tests.test_parity import _randomise
 
 
 @pytest.fixture(scope="module")
@@ -118,8 +117,8 @@ def _release(tmp_path, args):
   cfg = model_fixtures.smoke_cfg()
   spec = models.encoder_spec(cfg)
   torch.manual_seed(0)
-  teacher = _randomise(torch_reference.TorchEncoder(spec).eval(), 3)
-  student = _randomise(torch_reference.TorchEncoder(spec).eval(), 4)
+  teacher = torch_reference.randomise(torch_reference.TorchEncoder(spec).eval(), 3)
+  student = torch_reference.randomise(torch_reference.TorchEncoder(spec).eval(), 4)
   state = {f"target_encoder.{k}": v.numpy() for k, v in teacher.state_dict().items()}
   state.update({f"encoder.{k}": v.numpy() for k, v in student.state_dict().items()})
   state["predictor.mask_token"] = np.zeros((1, 1, 32), np.float32)

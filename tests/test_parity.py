@@ -19,16 +19,6 @@ def _cfg(swiglu, qk_norm, layer_scale, crop_frames):
   return cfg
 
 
-def _randomise(module, seed):
-  """Non-trivial norms, biases and mask token so every weight matters."""
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in module.named_parameters():
-      if p.ndim == 1 or "mask_token" in name:
-        p.copy_(torch.randn(p.shape, generator=gen) * 0.2 + (1.0 if "weight" in name else 0.0))
-  return module
-
-
 def _state(module):
   return {k: v.detach().numpy() for k, v in module.state_dict().items()}
 
@@ -42,8 +32,8 @@ def test_encoder_and_predictor_match_timm_reference(swiglu, qk_norm, layer_scale
   enc_spec, pred_spec = models.encoder_spec(cfg), models.predictor_spec(cfg)
   grid = config_lib.grid_shape(cfg)
   torch.manual_seed(0)
-  ref_enc = _randomise(torch_reference.TorchEncoder(enc_spec).eval(), 1)
-  ref_pred = _randomise(torch_reference.TorchPredictor(pred_spec, enc_spec.width, grid).eval(), 2)
+  ref_enc = torch_reference.randomise(torch_reference.TorchEncoder(enc_spec).eval(), 1)
+  ref_pred = torch_reference.randomise(torch_reference.TorchPredictor(pred_spec, enc_spec.width, grid).eval(), 2)
   params_enc = torch_import.encoder_from_torch(_state(ref_enc), enc_spec)
   params_pred = torch_import.predictor_from_torch(_state(ref_pred), pred_spec)
 

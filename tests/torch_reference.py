@@ -83,6 +83,16 @@ class TorchPredictor(nn.Module):
     return self.predictor_proj(self.predictor_norm(x[:, -n_targets:]))
 
 
+def randomise(module, seed):
+  """Non-trivial norms, biases and mask token so every weight matters."""
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in module.named_parameters():
+      if p.ndim == 1 or "mask_token" in name:
+        p.copy_(torch.randn(p.shape, generator=gen) * 0.2 + (1.0 if "weight" in name else 0.0))
+  return module
+
+
 def load(module: nn.Module, state_dict: dict) -> nn.Module:
   tensors = {k: torch.as_tensor(np.asarray(v)) for k, v in state_dict.items()}
   missing, unexpected = module.load_state_dict(tensors, strict=False)
