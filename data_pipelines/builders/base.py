@@ -180,3 +180,12 @@ def write_rows(rows, out_csv) -> pathlib.Path:
     writer.writerow(("path", "label", "split"))
     writer.writerows(rows)
   return out_csv
+
+
+class TagsBuilder(MarbleBuilder, skip_registration=True):
+  """A multi-label tagging dataset whose tag names come from its label files."""
+  CSV_LABELS = ("tags",)
+
+  def label_features(self):
+    # The vocabulary is set from the label files when the dataset is prepared.
+    return {"tags": tfds.features.Sequence(tfds.features.ClassLabel())}

@@ -49,7 +49,7 @@ def _audio_file(audio_dir: pathlib.Path, path: str, where) -> pathlib.Path:
   raise FileNotFoundError(f"{where}: audio file {full} (or {low.name}) does not exist")
 
 
-class MarbleMtgJamendo(base.MarbleBuilder, skip_registration=True):
+class MarbleMtgJamendo(base.TagsBuilder, skip_registration=True):
   """MTG-Jamendo multi-label tagging (top50, genre, instrument or mood/theme)."""
   name = "marble_mtg_jamendo"
   DESCRIPTION = __doc__
@@ -57,11 +57,6 @@ class MarbleMtgJamendo(base.MarbleBuilder, skip_registration=True):
                      for n, p in SUBSETS.items()]
   MANUAL_DOWNLOAD_INSTRUCTIONS = ("Put the MTG-Jamendo audio in audio/ (NN/ID.mp3) and the "
                                   "split-0 tsv files anywhere under the manual dir.")
-  CSV_LABELS = ("tags",)
-
-  def label_features(self):
-    # Tag names come from the tsv files (set when the dataset is prepared).
-    return {"tags": tfds.features.Sequence(tfds.features.ClassLabel())}
 
   @classmethod
   def list_examples(cls, manual_dir, config=None) -> base.Listing:

@@ -13,7 +13,6 @@ import csv
 import pathlib
 
 import numpy as np
-import tensorflow_datasets as tfds
 
 from data_pipelines.builders import base
 
@@ -54,17 +53,12 @@ def read_annotations(path: pathlib.Path) -> tuple[list[str], list[str], np.ndarr
   return tags, paths, np.array(matrix, dtype=bool).reshape(len(paths), len(tags))
 
 
-class MarbleMtt(base.MarbleBuilder, skip_registration=True):
+class MarbleMtt(base.TagsBuilder, skip_registration=True):
   """MagnaTagATune multi-label tagging with the 50 most frequent tags."""
   name = "marble_mtt"
   DESCRIPTION = __doc__
   MANUAL_DOWNLOAD_INSTRUCTIONS = ("Extract the MagnaTagATune mp3 zips into mp3/ and put "
                                   f"{ANNOTATIONS} next to it.")
-  CSV_LABELS = ("tags",)
-
-  def label_features(self):
-    # Tag names come from the annotation file (set when the dataset is prepared).
-    return {"tags": tfds.features.Sequence(tfds.features.ClassLabel())}
 
   @classmethod
   def list_examples(cls, manual_dir, config=None) -> base.Listing:
