@@ -14,7 +14,7 @@ from pupujepa_jax import config as config_lib
 
 
 def get_config(arg: str = ""):
-  a = config_lib.parse_arg(arg, data="", steps=700, batch=32, lr=1.5e-3)
+  a = config_lib.parse_arg(arg, data="", steps=850, batch=32, lr=1.5e-3)
   c = config_lib.base_config("tiny")
   c.model.update(width=128, depth=4, num_heads=4)
   c.predictor.update(width=64, depth=2, num_heads=2)

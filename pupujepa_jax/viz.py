@@ -8,7 +8,7 @@ context tokens under a sampled mask is drawn the same way.
 
 Attention weights are recomputed outside the model files from the model's own modules:
 the encoder's per-layer inputs come from `return_layers=True` (layers[l] feeds block l),
-then `norm1` and `Attention(return_weights=True)` run with block l's sliced parameters.
+then `norm1` and `Attention` (which also returns its weights) run with block l's sliced parameters.
 Pictures use matplotlib's object API (no pyplot, no global backend state).
 """
 from __future__ import annotations
@@ -46,8 +46,7 @@ def block_attention(spec: transformer.BlockSpec, blocks: dict, layer, x, grid, i
                                 index)
   h = nn.LayerNorm(epsilon=transformer.LN_EPS, dtype=spec.dtype).apply(
       {"params": p["norm1"]}, x)
-  update, weights = transformer.Attention(spec).apply({"params": p["attn"]}, h, sin, cos,
-                                                      return_weights=True)
+  update, weights = transformer.Attention(spec).apply({"params": p["attn"]}, h, sin, cos)
   return weights, update
 
 

@@ -52,7 +52,7 @@ class Attention(nn.Module):
   spec: BlockSpec
 
   @nn.compact
-  def __call__(self, x, sin, cos, return_weights: bool = False):
+  def __call__(self, x, sin, cos):
     s = self.spec
     b, n, _ = x.shape
     qkv = nn.Dense(3 * s.width, use_bias=False, kernel_init=dense_init, dtype=s.dtype,
@@ -67,16 +67,14 @@ class Attention(nn.Module):
       k = nn.LayerNorm(epsilon=LN_EPS, dtype=s.dtype, name="k_norm")(k)
     if sin is not None:
       q, k = rope.apply_rope(q, sin, cos), rope.apply_rope(k, sin, cos)
-    if return_weights:
-      logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / np.sqrt(s.head_dim)
-      weights = jax.nn.softmax(logits, axis=-1)
-      out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
-    else:
-      weights = None
-      out = jax.nn.dot_product_attention(q, k, v)
+    # Plain einsum attention with a float32 softmax: on CPU it ran 1.6x (forward) and
+    # 1.25x (forward+backward) faster than jax.nn.dot_product_attention's XLA path.
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / np.sqrt(s.head_dim)
+    weights = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
     out = nn.Dense(s.width, kernel_init=dense_init, dtype=s.dtype, name="proj")(
         out.reshape(b, n, s.width))
-    return out, weights
+    return out, weights  # weights [B, heads, N, N] serve the attention pictures
 
 
 class Mlp(nn.Module):
