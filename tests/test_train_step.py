@@ -51,10 +51,15 @@ def test_one_device_and_eight_devices_agree():
   state8, metrics8, _ = _run(cfg, eight, 2, batch)
   for m1, m8 in zip(metrics1, metrics8):
     np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
+  # Params: rtol 1e-5, plus an absolute floor of 1e-3 x the peak learning rate. Adam
+  # divides by sqrt(v) + 1e-8, so for gradients near 1e-8 the float32 summation-order
+  # differences between 1 and 8 devices become ~1e-7 differences in a ~1e-4 update
+  # (measured: at most 1.01e-7, on one bias element of magnitude 2e-6).
+  atol = 1e-3 * cfg.optim.lr
   flat1, flat8 = jax.tree.leaves(state1["params"]), jax.tree.leaves(state8["params"])
   for a, b in zip(flat1, flat8):
-    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7),
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=atol)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-5, atol=atol),
                state1["teacher"], state8["teacher"])
   # The params really moved (the comparison is not between two untouched inits).
   init = jax.device_get(train_step.init_state(cfg))
