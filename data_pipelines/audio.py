@@ -6,13 +6,16 @@ packages; soxr does high-quality resampling.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import pathlib
+from typing import Iterator
 
 import numpy as np
 import soundfile
 import soxr
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".opus", ".aiff", ".aif")
+SHORT_POLICIES = ("loop", "pad")
 
 
 class AudioDecodeError(RuntimeError):
@@ -75,3 +78,34 @@ def list_audio_files(root) -> list[pathlib.Path]:
     raise FileNotFoundError(f"audio folder {root} holds no audio files "
                             f"({', '.join(AUDIO_EXTENSIONS)})")
   return files
+
+
+def _decode_or_error(path, sample_rate: int, min_seconds: float):
+  try:
+    return load_audio(path, sample_rate=sample_rate, min_seconds=min_seconds)
+  except AudioDecodeError as e:
+    return e
+
+
+def decode_files(files, sample_rate: int, min_seconds: float = 0.0,
+                 workers: int = 1) -> Iterator:
+  """(file, waveform or AudioDecodeError) in file order, `workers` files decoded at a time."""
+  files = list(files)
+  # soundfile and soxr release the GIL; chunks bound the waveforms held in memory.
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    for start in range(0, len(files), 4 * workers):
+      chunk = files[start:start + 4 * workers]
+      yield from zip(chunk, pool.map(
+          lambda f: _decode_or_error(f, sample_rate, min_seconds), chunk))
+
+
+def take_crop(wave: np.ndarray, offset: int, crop_samples: int, short_policy: str) -> np.ndarray:
+  """`crop_samples` samples from `offset`; short clips are looped or zero-padded at the end."""
+  if wave.shape[0] >= crop_samples:
+    return wave[offset:offset + crop_samples]
+  if short_policy == "loop":
+    reps = -(-(offset + crop_samples) // wave.shape[0])
+    return np.tile(wave, reps)[offset:offset + crop_samples]
+  if short_policy == "pad":
+    return np.pad(wave, (0, crop_samples - wave.shape[0]))
+  raise ValueError(f"short_policy: {short_policy!r} not in {SHORT_POLICIES}")

@@ -14,12 +14,11 @@ an unchanged folder returns the recorded summary without decoding anything.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import hashlib
 import json
 import os
 import pathlib
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -152,22 +151,6 @@ def _fingerprint(root: pathlib.Path, files: list[pathlib.Path], min_seconds: flo
   return h.hexdigest()
 
 
-def _decode(path: pathlib.Path, sample_rate: int, min_seconds: float):
-  try:
-    return audio_lib.load_audio(path, sample_rate=sample_rate, min_seconds=min_seconds)
-  except audio_lib.AudioDecodeError as e:
-    return e
-
-
-def _decoded(files, sample_rate, min_seconds, workers) -> Iterator:
-  """(file, waveform or AudioDecodeError) in file order, decoding `workers` files at a time."""
-  # soundfile and soxr release the GIL; chunks bound the waveforms held in memory.
-  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-    for start in range(0, len(files), 4 * workers):
-      chunk = files[start:start + 4 * workers]
-      yield from zip(chunk, pool.map(lambda f: _decode(f, sample_rate, min_seconds), chunk))
-
-
 def ingest(input_dir, out_dir, min_seconds: float = 1.0, *, sample_rate: int = SAMPLE_RATE,
            workers: int | None = None) -> dict:
   """Turn a folder tree of audio into a TFDS ArrayRecord dataset of mono int16 PCM.
@@ -206,7 +189,8 @@ def ingest(input_dir, out_dir, min_seconds: float = 1.0, *, sample_rate: int = S
   def examples():
     skipped.clear()
     kept.clear()
-    for f, wave in _decoded(files, sample_rate, min_seconds, workers or os.cpu_count() or 1):
+    for f, wave in audio_lib.decode_files(files, sample_rate, min_seconds,
+                                          workers or os.cpu_count() or 1):
       rel = f.relative_to(root).as_posix()
       if isinstance(wave, audio_lib.AudioDecodeError):
         skipped.append({"path": rel, "reason": wave.reason})

@@ -32,7 +32,7 @@ from data_pipelines import audio as audio_lib
 from data_pipelines import ingest as ingest_lib
 from pupujepa_jax import frontend as frontend_lib
 
-SHORT_POLICIES = ("loop", "pad")
+SHORT_POLICIES = audio_lib.SHORT_POLICIES
 
 
 class AudioFolderSource:
@@ -80,18 +80,6 @@ def draw_offset(num_samples: int, crop_samples: int, short_policy: str,
   return int(rng.integers(0, num_samples)) if short_policy == "loop" else 0
 
 
-def take_crop(wave: np.ndarray, offset: int, crop_samples: int, short_policy: str) -> np.ndarray:
-  """`crop_samples` samples from `offset`; short tracks are looped or zero-padded at the end."""
-  if wave.shape[0] >= crop_samples:
-    return wave[offset:offset + crop_samples]
-  if short_policy == "loop":
-    reps = -(-(offset + crop_samples) // wave.shape[0])
-    return np.tile(wave, reps)[offset:offset + crop_samples]
-  if short_policy == "pad":
-    return np.pad(wave, (0, crop_samples - wave.shape[0]))
-  raise ValueError(f"data.short_policy: {short_policy!r} not in {SHORT_POLICIES}")
-
-
 class CropLogMel(grain.transforms.Map):
   """[(stream position, (record index, record))] -> a local batch of random log-mel crops.
 
@@ -113,7 +101,7 @@ class CropLogMel(grain.transforms.Map):
       raise ValueError(f"record {index} ({record.get('path')!r}) holds no audio")
     rng = np.random.default_rng(_derive_seed(self._seed, 1, position))
     offset = draw_offset(wave.shape[0], self._crop_samples, self._short_policy, rng)
-    crop = take_crop(wave, offset, self._crop_samples, self._short_policy)
+    crop = audio_lib.take_crop(wave, offset, self._crop_samples, self._short_policy)
     out = {"spectrogram": frontend_lib.log_mel_np(crop, self._frontend)}
     if self._with_metadata:
       out.update(record_index=np.int64(index), offset=np.int64(offset))

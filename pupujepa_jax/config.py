@@ -31,7 +31,6 @@ PREDICTOR_DEFAULTS = {
     "huge": dict(width=512, depth=8, num_heads=16),
 }
 MASK_STRATEGIES = ("random", "block", "time_frequency", "multiblock")
-CURRICULUM_STRATEGIES = ("random", "block", "time_frequency")
 TEACHER_MODES = ("targets_only", "full_grid")
 LOSSES = ("smooth_l1", "normalized_mse", "mse")
 POS_EMBEDS = ("rope", "sincos")

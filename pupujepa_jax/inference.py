@@ -25,11 +25,12 @@ import jax
 import ml_collections
 import numpy as np
 
+from data_pipelines import audio
 from pupujepa_jax import config as config_lib
 from pupujepa_jax import export, frontend, models, sharding
 
 READOUTS = ("freqcat", "mean")
-SHORT_POLICIES = ("loop", "pad")
+SHORT_POLICIES = audio.SHORT_POLICIES
 
 
 def window_starts(num_samples: int, window: int, hop: int) -> list[int]:
@@ -51,11 +52,7 @@ def split_windows(wave: np.ndarray, window: int, hop: int,
   if wave.ndim != 1 or wave.size == 0:
     raise ValueError(f"expected a non-empty mono waveform, got shape {wave.shape}")
   if wave.shape[0] < window:
-    if short_policy == "loop":
-      return np.resize(wave, window)[None]  # np.resize repeats the clip cyclically
-    if short_policy == "pad":
-      return np.pad(wave, (0, window - wave.shape[0]))[None]
-    raise ValueError(f"short_policy {short_policy!r} not in {SHORT_POLICIES}")
+    return audio.take_crop(wave, 0, window, short_policy)[None]
   return np.stack([wave[s:s + window] for s in window_starts(wave.shape[0], window, hop)])
 
 
@@ -187,7 +184,6 @@ class Model:
   def embed(self, wave, sample_rate: int, readout: str = "freqcat", layers="all",
             hop_seconds: float | None = None) -> np.ndarray:
     """Features [n_layers, n_chunks, D'] of a waveform [samples(, channels)] at any rate."""
-    from data_pipelines import audio
     wave = np.asarray(wave)
     if wave.size == 0 or not np.all(np.isfinite(wave)):
       raise ValueError("waveform is empty or holds NaN/Inf samples")
@@ -207,34 +203,11 @@ def load(model_dir, batch_size: int = 8, short_policy: str = "loop") -> Model:
 
 def _relpaths(input_path: pathlib.Path):
   """(file, relative path) pairs: every audio file of a folder, or one file."""
-  from data_pipelines import audio
   if input_path.is_file():
     return [(input_path, pathlib.Path(input_path.name))]
   if not input_path.exists():
     raise FileNotFoundError(f"input {input_path} does not exist")
   return [(f, f.relative_to(input_path)) for f in audio.list_audio_files(input_path)]
-
-
-def _decoded(files, sample_rate: int):
-  """Yields (index, waveform or None, error or None) per file, decoding one file ahead."""
-  from concurrent.futures import ThreadPoolExecutor
-  from data_pipelines import audio
-
-  def decode(path):
-    try:
-      return audio.load_audio(path, sample_rate), None
-    except audio.AudioDecodeError as e:
-      return None, e.reason
-
-  with ThreadPoolExecutor(max_workers=1) as pool:
-    pending = None
-    for i, (path, _) in enumerate(files):
-      future = pool.submit(decode, path)
-      if pending is not None:
-        yield pending[0], *pending[1].result()
-      pending = (i, future)
-    if pending is not None:
-      yield pending[0], *pending[1].result()
 
 
 def embed_folder(model: Model, input_path, out, readout: str = "freqcat", layers="all",
@@ -286,9 +259,10 @@ def embed_folder(model: Model, input_path, out, readout: str = "freqcat", layers
     from tqdm import tqdm
     bar = tqdm(total=len(files), desc="embed", unit="file")
   try:
-    for index, wave, error in _decoded(files, model.sample_rate):
-      if error is not None:
-        failed.append({"path": str(files[index][1]), "reason": error})
+    decoded = audio.decode_files([path for path, _ in files], model.sample_rate)
+    for index, (_, wave) in enumerate(decoded):
+      if isinstance(wave, audio.AudioDecodeError):
+        failed.append({"path": str(files[index][1]), "reason": wave.reason})
       else:
         windows = model.windows(wave, hop)
         queue.extend(windows)

@@ -23,7 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-STRATEGIES = ("random", "block", "time_frequency", "multiblock")
+from pupujepa_jax import config as config_lib
+
+STRATEGIES = config_lib.MASK_STRATEGIES  # index = the strategy id logged per step
 
 # I-JEPA multiblock constants (ablation only; not in the config schema).
 MULTIBLOCK_NUM_TARGETS = 4

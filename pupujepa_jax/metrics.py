@@ -13,7 +13,8 @@ import time
 
 import numpy as np
 
-MASK_STRATEGY_NAMES = ("random", "block", "time_frequency", "multiblock")
+from pupujepa_jax.config import MASK_STRATEGIES
+
 
 
 def _plain(value):
@@ -47,7 +48,7 @@ class MetricWriter:
     for key, value in metrics.items():
       record[key] = _plain(value)
     if "mask_strategy" in record:
-      record["mask_strategy"] = MASK_STRATEGY_NAMES[int(record["mask_strategy"])]
+      record["mask_strategy"] = MASK_STRATEGIES[int(record["mask_strategy"])]
     if not self.enabled:
       return record
     self._jsonl.write(json.dumps(record) + "\n")

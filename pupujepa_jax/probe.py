@@ -31,6 +31,8 @@ import numpy as np
 import optax
 from sklearn import metrics as skm
 
+from pupujepa_jax import labels
+
 MAIN_METRIC = {"multiclass": "accuracy", "multilabel": "roc_auc", "regression": "r2",
                "key": "weighted_score"}
 TASKS = tuple(MAIN_METRIC)
@@ -45,8 +47,8 @@ DROPOUT = 0.2
 PLATEAU_FACTOR = 0.5
 PLATEAU_PATIENCE = 3
 # The 24 key classes, in a fixed order (mir_eval treats enharmonic spellings as equal).
-KEY_TONICS = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
-KEY_CLASSES = tuple(f"{t} {m}" for m in ("major", "minor") for t in KEY_TONICS)
+KEY_TONICS = labels.PITCH_CLASSES
+KEY_CLASSES = labels.KEY_CLASSES
 _STD_FLOOR = 1e-6
 
 

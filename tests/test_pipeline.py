@@ -7,6 +7,7 @@ import orbax.checkpoint as ocp
 import pytest
 import soundfile
 
+from data_pipelines import audio
 from data_pipelines import ingest as ingest_lib
 from data_pipelines import pipeline
 from pupujepa_jax import config as config_lib
@@ -83,7 +84,7 @@ def test_spectrogram_is_the_frontend_of_the_recorded_crop(dataset_dir):
     for spec, index, offset in zip(batch["spectrogram"], batch["record_index"], batch["offset"]):
       wave = ingest_lib.pcm_to_float(source[int(index)]["audio"])
       assert 0 <= offset <= max(wave.shape[0] - CROP_SAMPLES, wave.shape[0] - 1)
-      crop = pipeline.take_crop(wave, int(offset), CROP_SAMPLES, "loop")
+      crop = audio.take_crop(wave, int(offset), CROP_SAMPLES, "loop")
       np.testing.assert_array_equal(spec, frontend_lib.log_mel_np(crop, FE))
       seen.add(int(index))
   assert len(seen) == NUM_RECORDS  # 24 examples = 2 epochs of 12: every record appears
@@ -179,12 +180,12 @@ def test_short_tracks_are_looped_or_padded(tmp_path, policy):
 
 def test_take_crop():
   wave = np.arange(10, dtype=np.float32)
-  np.testing.assert_array_equal(pipeline.take_crop(wave, 3, 4, "loop"), [3, 4, 5, 6])
-  np.testing.assert_array_equal(pipeline.take_crop(wave, 8, 25, "loop"),
+  np.testing.assert_array_equal(audio.take_crop(wave, 3, 4, "loop"), [3, 4, 5, 6])
+  np.testing.assert_array_equal(audio.take_crop(wave, 8, 25, "loop"),
                                 [8, 9] + list(range(10)) * 2 + [0, 1, 2])
-  np.testing.assert_array_equal(pipeline.take_crop(wave, 0, 12, "pad"), list(range(10)) + [0, 0])
+  np.testing.assert_array_equal(audio.take_crop(wave, 0, 12, "pad"), list(range(10)) + [0, 0])
   with pytest.raises(ValueError, match="short_policy"):
-    pipeline.take_crop(wave, 0, 12, "wrap")
+    audio.take_crop(wave, 0, 12, "wrap")
 
 
 def test_global_batches_on_the_fake_device_mesh(dataset_dir):

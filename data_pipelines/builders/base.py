@@ -146,7 +146,7 @@ class MarbleBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _generate_examples(self, manual_dir: pathlib.Path, examples: list[Example]):
     files = [manual_dir / e.path for e in examples]
     workers = min(8, os.cpu_count() or 1)
-    decoded = ingest._decoded(files, SAMPLE_RATE, 0.0, workers)  # pylint: disable=protected-access
+    decoded = audio_lib.decode_files(files, SAMPLE_RATE, 0.0, workers)
     for example, (_, wave) in zip(examples, decoded):
       if isinstance(wave, audio_lib.AudioDecodeError):
         raise wave

@@ -22,10 +22,10 @@ import mir_eval
 import tensorflow_datasets as tfds
 
 from data_pipelines.builders import base
+from pupujepa_jax import labels
 
-# Sharp spellings and order as pupujepa_jax.probe.KEY_CLASSES (mir_eval reads either).
-TONICS = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
-KEYS = tuple(f"{tonic} {mode}" for mode in ("major", "minor") for tonic in TONICS)
+TONICS = labels.PITCH_CLASSES
+KEYS = labels.KEY_CLASSES
 MTG_KEY_DIR = "giantsteps-mtg-key-dataset"
 KEY_DIR = "giantsteps-key-dataset"
 _MODES = {"major": "major", "maj": "major", "minor": "minor", "min": "minor"}

@@ -21,6 +21,7 @@ import pathlib
 import numpy as np
 
 from data_pipelines.offline import render
+from pupujepa_jax import labels
 
 # music21 corpus collections used, with the share of the selected pieces each gets. Bach
 # chorales carry the key task, Palestrina's long masses give the most audio per parse;
@@ -28,7 +29,7 @@ from data_pipelines.offline import render
 COLLECTIONS = (("bach", 0.55), ("palestrina", 0.3), ("ryansMammoth", 0.15))
 SCORE_SUFFIXES = (".mxl", ".xml", ".krn", ".abc")
 SPLIT_FRACTIONS = (("train", 0.7), ("valid", 0.15), ("test", 0.15))
-PITCH_NAMES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
+PITCH_NAMES = labels.PITCH_CLASSES
 # Tempo of the corpus renders, in beats per minute of the time signature's beat unit.
 CORPUS_BPM = (50.0, 140.0)
 CORPUS_MAX_SECONDS = 240.0

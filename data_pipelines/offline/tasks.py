@@ -23,10 +23,11 @@ import numpy as np
 
 from data_pipelines.offline import corpus
 from data_pipelines.offline import render
+from pupujepa_jax import labels
 
 CLIP_SECONDS = 10.24
 SHORT_CLIP_SECONDS = 4.0
-KEY_CLASSES = tuple(f"{t} {m}" for m in ("major", "minor") for t in corpus.PITCH_NAMES)
+KEY_CLASSES = labels.KEY_CLASSES
 INSTRUMENT_FAMILIES = render.GM_FAMILIES[:12]
 CHORD_QUALITIES = {
     "major": (0, 4, 7), "minor": (0, 3, 7), "diminished": (0, 3, 6),
