@@ -20,6 +20,7 @@ setup(
         "numpy>=2.0",
         "scipy>=1.13",
         "safetensors>=0.5",
+        "json5>=0.9",
         "soundfile>=0.13",
         "soxr>=0.5",
         "tensorflow-datasets>=4.9.9",

@@ -21,9 +21,11 @@ from pupujepa_jax import inference, models
 
 def run(variant: str, batch: int, batches: int, readout: str, crop_frames: int) -> dict:
   cfg = config_lib.base_config(variant)
-  cfg.data.crop_frames = crop_frames
-  params = jax.jit(lambda k: models.init_params(cfg, k)["encoder"])(jax.random.key(0))
-  model = inference.Model(cfg, params, model_id=f"{variant}-random", batch_size=batch)
+  cfg.model.crop_frames = crop_frames
+  spec = config_lib.serving_spec(cfg)
+  params = jax.jit(lambda k: models.init_encoder(spec.architecture, spec.frontend.n_mels, k))(
+      jax.random.key(0))
+  model = inference.Model(spec, params, model_id=f"{variant}-random", batch_size=batch)
   windows = np.random.default_rng(0).standard_normal(
       (model.batch_size * batches, model.window_samples)).astype(np.float32)
   start = time.perf_counter()

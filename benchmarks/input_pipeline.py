@@ -111,7 +111,7 @@ def train_step_seconds(batch_size: int, crop_frames: int, steps: int, data_cfg=N
   from pupujepa_jax import sharding, train_step
   cfg = config_lib.base_config("tiny")
   cfg.data.batch_size = batch_size
-  cfg.data.crop_frames = crop_frames
+  cfg.model.crop_frames = crop_frames
   mesh = sharding.make_mesh(jax.device_count(), 1)
   step = train_step.make_train_step(cfg, mesh)
   state = train_step.create_sharded_state(cfg, mesh)

@@ -150,8 +150,9 @@ def _mark_absl_flags_parsed():
     flags.FLAGS.mark_as_parsed()
 
 
-def make_pretrain_dataset(data_cfg, frontend_cfg: frontend_lib.FrontendConfig, *, seed: int,
-                          process_index: int | None = None, process_count: int | None = None,
+def make_pretrain_dataset(data_cfg, frontend_cfg: frontend_lib.FrontendConfig,
+                          crop_frames: int, *, seed: int, process_index: int | None = None,
+                          process_count: int | None = None,
                           with_metadata: bool = False) -> grain.IterDataset:
   """The pretraining pipeline as a Grain IterDataset (see the module docstring).
 
@@ -175,7 +176,7 @@ def make_pretrain_dataset(data_cfg, frontend_cfg: frontend_lib.FrontendConfig, *
   ds = ds.shuffle(seed=_derive_seed(seed, 0)).repeat(None).map_with_index(_with_position)
   ds = ds.batch(local_batch, drop_remainder=True, batch_fn=list)
   ds = ds[process_index::process_count]
-  ds = ds.map(CropLogMel(frontend_cfg, data_cfg.crop_frames, data_cfg.short_policy, seed,
+  ds = ds.map(CropLogMel(frontend_cfg, crop_frames, data_cfg.short_policy, seed,
                          with_metadata))
   # Batching before to_iter_dataset: each worker (or read thread) builds whole batches.
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1,
@@ -188,15 +189,15 @@ def make_pretrain_dataset(data_cfg, frontend_cfg: frontend_lib.FrontendConfig, *
   return ds
 
 
-def make_pretrain_iterator(data_cfg, frontend_cfg: frontend_lib.FrontendConfig, *, seed: int,
-                           process_index: int | None = None,
+def make_pretrain_iterator(data_cfg, frontend_cfg: frontend_lib.FrontendConfig,
+                           crop_frames: int, *, seed: int, process_index: int | None = None,
                            process_count: int | None = None) -> grain.DatasetIterator:
   """Infinite iterator of local batches {"spectrogram": float32 [local_batch, frames, mels]}.
 
   `get_state()` / `set_state()` save and restore its position (see checkpoint_args_*).
   Call `close()` when done if num_workers > 0 (it stops the worker processes).
   """
-  return iter(make_pretrain_dataset(data_cfg, frontend_cfg, seed=seed,
+  return iter(make_pretrain_dataset(data_cfg, frontend_cfg, crop_frames, seed=seed,
                                     process_index=process_index, process_count=process_count))
 
 

@@ -18,8 +18,8 @@ def get_config(arg: str = ""):
   c = config_lib.base_config("tiny")
   c.model.update(width=128, depth=4, num_heads=4)
   c.predictor.update(width=64, depth=2, num_heads=2)
-  c.data.update(source="tfds", path=a.data, crop_frames=128, batch_size=a.batch,
-                num_workers=1)
+  c.model.crop_frames = 128
+  c.data.update(source="tfds", path=a.data, batch_size=a.batch, num_workers=1)
   c.total_steps = a.steps
   c.optim.update(lr=a.lr, min_lr=1e-5, warmup_steps=max(1, a.steps // 10))
   c.mask.update(warmup_start=a.steps // 10, warmup_end=a.steps // 2)

@@ -10,14 +10,15 @@ Multi-host (each host runs the same command; pods auto-detect, elsewhere pass
 Arguments (comma separated): variant=tiny|small|base|large|huge, data=PATH (dataset dir
 written by `pupujepa data ingest` or a builder), folder=PATH (read an audio folder
 directly instead), batch=N (global batch), steps=N, fsdp=N (FSDP axis size), bf16,
-remat, smoke (a minutes-long CPU run of a tiny architecture on short crops, for tests).
+remat=none|dots|full (rematerialisation policy of the blocks), smoke (a minutes-long CPU
+run of a tiny architecture on short crops, for tests).
 """
 from pupujepa_jax import config as config_lib
 
 
 def get_config(arg: str = ""):
   a = config_lib.parse_arg(arg, variant="tiny", data="", folder="", batch=256,
-                           steps=500_000, fsdp=1, bf16=False, remat=False, smoke=False)
+                           steps=500_000, fsdp=1, bf16=False, remat="none", smoke=False)
   c = config_lib.base_config(a.variant)
   c.total_steps = a.steps
   c.data.batch_size = a.batch
@@ -35,7 +36,8 @@ def apply_smoke(c):
   """Shrink a config to a seconds-per-step CPU size (tests and quick checks)."""
   c.model.update(width=64, depth=2, num_heads=2)
   c.predictor.update(width=32, depth=1, num_heads=1)
-  c.data.update(crop_frames=64, batch_size=8, num_workers=0)
+  c.model.crop_frames = 64
+  c.data.update(batch_size=8, num_workers=0)
   c.total_steps = min(c.total_steps, 200)
   c.optim.update(lr=1e-3, warmup_steps=10)
   c.mask.update(warmup_start=0, warmup_end=0)

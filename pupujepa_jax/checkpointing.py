@@ -57,7 +57,9 @@ def restore(manager: ocp.CheckpointManager, abstract_state, shardings, step=None
                           f"available: {list(manager.all_steps())}")
   items = {"state": ocp.args.StandardRestore(abstract_with_shardings(abstract_state,
                                                                       shardings))}
-  if data_args is not None:
+  # A checkpoint written by `save_state` (e.g. imported weights) holds no data position:
+  # the pipeline then starts from the beginning of its stream.
+  if data_args is not None and "data" in _item_names(manager, step):
     items["data"] = data_args
   try:
     restored = manager.restore(step, args=ocp.args.Composite(**items))
@@ -65,3 +67,18 @@ def restore(manager: ocp.CheckpointManager, abstract_state, shardings, step=None
     raise CheckpointError(f"checkpoint step {step} under {manager.directory} is unreadable "
                           f"or does not match this model: {type(e).__name__}: {e}") from e
   return step, restored["state"]
+
+
+def _item_names(manager: ocp.CheckpointManager, step: int) -> set[str]:
+  path = pathlib.Path(manager.directory) / str(step)
+  return {p.name for p in path.iterdir() if p.is_dir()} if path.is_dir() else set()
+
+
+def save_state(workdir, step: int, state) -> None:
+  """Synchronously write a state (no data position) as checkpoint `step` of `workdir`."""
+  manager = make_manager(workdir, async_save=False)
+  try:
+    save(manager, step, state, force=True)
+    manager.wait_until_finished()
+  finally:
+    manager.close()

@@ -1,7 +1,8 @@
 """The `pupujepa` command line: parse arguments, call one library function, print JSON.
 
 Every subcommand is a thin shell over importable functions (see each handler's callee);
-heavy imports happen inside handlers so `pupujepa --help` stays fast.
+heavy imports happen inside handlers so `pupujepa --help` stays fast. A refusal (bad
+config, damaged file, missing folder) prints one line naming the culprit and exits 2.
 """
 from __future__ import annotations
 
@@ -10,53 +11,17 @@ import json
 import pathlib
 import sys
 
+# Subcommands that take `--config.a.b=value` overrides after their own arguments.
+TAKES_OVERRIDES = ("info", "masks", "train", "sweep")
+
 
 def _print_json(obj) -> None:
   print(json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
-def parse_value(text: str, like):
-  """Parse a `--config.key=value` string into the type of the existing value `like`."""
-  if isinstance(like, bool):
-    if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-      raise ValueError(f"expected a boolean, got {text!r}")
-    return text.lower() in ("true", "1", "yes")
-  if isinstance(like, (tuple, list)):
-    items = [x for x in text.strip("()[]").split(",") if x.strip()]
-    return tuple(parse_value(x.strip(), like[0] if like else 0.0) for x in items)
-  if isinstance(like, int):
-    return int(text)
-  if isinstance(like, float):
-    return float(text)
-  return text
-
-
-def apply_overrides(cfg, overrides: list[str]):
-  """Apply `--config.a.b=value` overrides; unknown fields are errors naming the field."""
-  from pupujepa_jax import config as config_lib
-  for item in overrides:
-    if not item.startswith("--config.") or "=" not in item:
-      raise config_lib.ConfigError(f"unrecognised argument {item!r} "
-                                   "(overrides look like --config.data.batch_size=64)")
-    key, value = item[len("--config."):].split("=", 1)
-    *groups, leaf = key.split(".")
-    node = cfg
-    for g in groups:
-      if g not in node:
-        raise config_lib.ConfigError(f"{key}: unknown config field")
-      node = node[g]
-    if leaf not in node:
-      raise config_lib.ConfigError(f"{key}: unknown config field")
-    try:
-      node[leaf] = parse_value(value, node[leaf])
-    except ValueError as e:
-      raise config_lib.ConfigError(f"{key}: {e}") from e
-  return cfg
-
-
 def _load_config(spec: str, overrides=()):
   from pupujepa_jax import config as config_lib
-  cfg = apply_overrides(config_lib.load_config(spec), list(overrides))
+  cfg = config_lib.apply_overrides(config_lib.load_config(spec), list(overrides))
   config_lib.validate(cfg)
   return cfg
 
@@ -75,12 +40,18 @@ def cmd_masks(args, extra):
 
 
 def cmd_train(args, extra):
-  from pupujepa_jax import trainer
+  from pupujepa_jax import config as config_lib
+  from pupujepa_jax import trainer, workdir
   if args.coordinator or args.num_processes:
     trainer.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
   elif args.distributed:
     trainer.initialize_distributed()
-  cfg = _load_config(args.config, extra)
+  if args.config:
+    cfg = _load_config(args.config, extra)
+  else:  # continue the run (or imported weights) the workdir holds, with its config
+    cfg, _ = workdir.read_config(args.workdir)
+    config_lib.apply_overrides(cfg, extra)
+    config_lib.validate(cfg)
   result = trainer.train(cfg, args.workdir, stop_after=args.stop_after,
                          progress=not args.no_progress,
                          allow_config_change=args.allow_config_change)
@@ -90,8 +61,7 @@ def cmd_train(args, extra):
 
 def cmd_data_ingest(args, extra):
   from data_pipelines import ingest
-  summary = ingest.ingest(args.input, args.out, min_seconds=args.min_seconds)
-  _print_json(summary)
+  _print_json(ingest.ingest(args.input, args.out, min_seconds=args.min_seconds))
 
 
 def cmd_data_offline(args, extra):
@@ -158,30 +128,44 @@ def cmd_report(args, extra):
 
 
 def cmd_export(args, extra):
-  from pupujepa_jax import export
-  _print_json(export.export_workdir(args.workdir, args.out, step=args.step,
-                                    model_id=args.model_id))
+  if args.format == "release":
+    from pupujepa_jax import release
+    _print_json(release.export_release(args.workdir, args.out, step=args.step))
+  else:
+    from pupujepa_jax import export
+    _print_json(export.export_workdir(args.workdir, args.out, step=args.step,
+                                      model_id=args.model_id))
 
 
 def cmd_import_torch(args, extra):
-  from pupujepa_jax import export
-  _print_json(export.import_torch(args.weights, args.args, args.out, model_id=args.model_id))
+  from pupujepa_jax import release
+  _print_json(release.import_release(args.weights, args.args, out=args.out,
+                                     workdir=args.workdir, model_id=args.model_id))
 
 
-def _parse_layers(text: str):
-  if text in ("all", "last"):
+def parse_layers(text: str):
+  """`all`, `last`, `final` or comma-separated block indices and/or `final`."""
+  if text in ("all", "last", "final"):
     return text
-  return [int(x) for x in text.split(",")]
+  try:
+    return [x if x == "final" else int(x) for x in text.split(",")]
+  except ValueError:
+    raise ValueError(f"--layers {text!r}: expected all, last, final or comma-separated "
+                     "layer indices") from None
 
 
 def cmd_embed(args, extra):
   from pupujepa_jax import inference
   model = inference.load(args.model, batch_size=args.batch_size, short_policy=args.short_policy)
   meta = inference.embed_folder(model, args.input, args.out, readout=args.readout,
-                                layers=_parse_layers(args.layers),
+                                layers=parse_layers(args.layers),
                                 window_seconds=args.window_seconds,
                                 hop_seconds=args.hop_seconds, progress=not args.no_progress)
-  _print_json({k: meta[k] for k in ("D", "L", "readout", "n_files", "failed", "model_id")})
+  _print_json({k: meta[k] for k in ("D", "L", "layer_names", "readout", "n_files", "failed",
+                                    "model_id")})
+  if not meta["n_files"]:
+    raise ValueError(f"no file under {args.input} could be embedded "
+                     f"({len(meta['failed'])} failed; reasons in {args.out}/meta.json)")
 
 
 def cmd_attention(args, extra):
@@ -205,10 +189,7 @@ def cmd_attention(args, extra):
 
 # ------------------------------------------------------------------------------ parser
 
-def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="pupujepa", description=__doc__.splitlines()[0])
-  sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_model_commands(sub) -> None:
   p = sub.add_parser("info", help="parameter counts, token grid and rate of a config")
   p.add_argument("--config", required=True)
   p.set_defaults(func=cmd_info)
@@ -216,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("masks", help="statistics (and a picture) of sampled masks")
   p.add_argument("--config", required=True)
   p.add_argument("--strategy", default="random",
-                 choices=["random", "block", "time_frequency", "multiblock", "curriculum"])
+                 choices=["curriculum", "random", "block", "time_frequency", "multiblock"])
   p.add_argument("--n", type=int, default=64)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--step", type=int, default=0, help="curriculum step (strategy=curriculum)")
@@ -224,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.set_defaults(func=cmd_masks)
 
   p = sub.add_parser("train", help="train a config in a workdir (resumes if it exists)")
-  p.add_argument("--config", required=True, help="FILE.py[:ARG]")
+  p.add_argument("--config", default=None,
+                 help="FILE.py[:ARG]; default: the config the workdir holds")
   p.add_argument("--workdir", required=True)
   p.add_argument("--stop_after", type=int, default=None,
                  help="stop after this many steps of this invocation")
@@ -237,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--process_id", type=int, default=None)
   p.set_defaults(func=cmd_train)
 
+
+def _add_data_commands(sub) -> None:
   data = sub.add_parser("data", help="datasets: ingest, offline corpus, baselines, builders")
   dsub = data.add_subparsers(dest="data_command", required=True)
   p = dsub.add_parser("ingest", help="audio folder -> TFDS ArrayRecord dataset")
@@ -262,17 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--labels_csv", default=None, help="also write path,label,split here")
   p.set_defaults(func=cmd_data_build)
 
-  p = sub.add_parser("probe", help="MARBLE-protocol probe on exported features")
-  p.add_argument("--features", required=True)
-  p.add_argument("--labels", required=True)
-  p.add_argument("--task", required=True,
-                 choices=["multiclass", "multilabel", "regression", "key"])
-  p.add_argument("--probe", default="mlp", choices=["mlp", "linear"])
-  p.add_argument("--layer", default="all")
-  p.add_argument("--lr", default="1e-3", help="a rate or a comma-separated grid")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--out", default=None)
-  p.set_defaults(func=cmd_probe)
+
+def _add_sweep_commands(sub) -> None:
   p = sub.add_parser("sweep", help="expand an ablation sweep; run it here or emit scripts")
   p.add_argument("--config", required=True, help="experiments/ablations/X.py[:ARG]")
   p.add_argument("--sweep_dir", default=None, help="runs go to SWEEP_DIR/<name> "
@@ -300,26 +275,37 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--out", default=None, help="also write the table here")
   p.set_defaults(func=cmd_report)
 
-  p = sub.add_parser("export", help="teacher of a workdir checkpoint -> model dir")
+
+def _add_model_dir_commands(sub) -> None:
+  p = sub.add_parser("export", help="a workdir checkpoint -> model dir (or release layout)")
   p.add_argument("--workdir", required=True)
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-  p.add_argument("--out", required=True, help="model dir to write")
+  p.add_argument("--out", required=True, help="directory to write")
+  p.add_argument("--format", choices=["model_dir", "release"], default="model_dir",
+                 help="model_dir: patch embedding + teacher for embedding; release: the "
+                      "whole state dict as model.safetensors + args.json")
   p.add_argument("--model_id", default=None)
   p.set_defaults(func=cmd_export)
 
-  p = sub.add_parser("import-torch", help="released PyTorch checkpoint -> model dir")
+  p = sub.add_parser("import-torch", help="released PyTorch checkpoint -> model dir / workdir")
   p.add_argument("--weights", required=True, help="model.safetensors of the release")
   p.add_argument("--args", required=True, help="args.json of the release")
-  p.add_argument("--out", required=True)
+  p.add_argument("--out", default=None, help="model dir to write (for embedding)")
+  p.add_argument("--workdir", default=None,
+                 help="training workdir to write (continue pretraining / fine-tune)")
   p.add_argument("--model_id", default=None)
   p.set_defaults(func=cmd_import_torch)
 
+
+def _add_inference_commands(sub) -> None:
   p = sub.add_parser("embed", help="audio folder or file -> MARBLE feature layout")
   p.add_argument("--model", required=True, help="model dir (export / import-torch)")
   p.add_argument("--input", required=True, help="audio folder or file")
   p.add_argument("--out", required=True, help="feature dir")
   p.add_argument("--readout", default="freqcat", choices=["freqcat", "mean"])
-  p.add_argument("--layers", default="all", help="all, last or comma-separated indices")
+  p.add_argument("--layers", default="all",
+                 help="all (patch embedding + every block), last, final (the released "
+                      "embedding, after the final norm) or comma-separated indices")
   p.add_argument("--window_seconds", type=float, default=None,
                  help="must equal the training window (default: it)")
   p.add_argument("--hop_seconds", type=float, default=None, help="default: the window")
@@ -329,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.set_defaults(func=cmd_embed)
 
   p = sub.add_parser("attention", help="attention maps over the log-mel spectrogram (PNG)")
-  p.add_argument("--model", default=None, help="model dir: the teacher encoder's attention")
+  p.add_argument("--model", default=None, help="model dir: the encoder's attention")
   p.add_argument("--workdir", default=None, help="training workdir: the predictor's attention")
   p.add_argument("--audio", required=True)
   p.add_argument("--out", required=True, help="PNG file")
@@ -339,13 +325,21 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--step", type=int, default=None, help="checkpoint step (--workdir)")
   p.add_argument("--seed", type=int, default=0, help="mask seed (--workdir)")
   p.set_defaults(func=cmd_attention)
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="pupujepa", description=__doc__.splitlines()[0])
+  sub = parser.add_subparsers(dest="command", required=True)
+  for add in (_add_model_commands, _add_data_commands, _add_sweep_commands,
+              _add_model_dir_commands, _add_inference_commands):
+    add(sub)
   return parser
 
 
 def main(argv=None) -> int:
   parser = build_parser()
   args, extra = parser.parse_known_args(argv)
-  if extra and args.command not in ("info", "masks", "train", "sweep"):
+  if extra and args.command not in TAKES_OVERRIDES:
     parser.error(f"unrecognised arguments: {' '.join(extra)}")
   try:
     args.func(args, extra)

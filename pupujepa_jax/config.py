@@ -1,18 +1,32 @@
-"""The config schema: every field a run can set, its default, and validation.
+"""The run config: schema and defaults, loading, command-line overrides, diffs, validation.
+
+A run's config is an `ml_collections.ConfigDict`. The groups that jitted code reads have
+one typed, frozen definition each, and the ConfigDict defaults are made from it:
+`model` from `models.Architecture` (plus `variant` and `drop_path`), `predictor` from
+`models.PredictorSize`, `frontend` from `frontend.FrontendConfig`, `mask` from
+`masking.MaskConfig`. `architecture(cfg)`, `frontend(cfg)`, `mask(cfg)`, `runtime(cfg)`,
+`serving_spec(cfg)` turn a config back into those types.
 
 Experiment files in `experiments/` start from `base_config()` and change fields; nothing
-may add a key the schema does not know (a typo would otherwise be silently ignored).
-`validate(config)` is called before anything compiles and names the offending field.
-Fields marked "(unknown)" are not given by the release; the default is ours and an
-ablation in `experiments/ablations/` covers it.
+may add a key the schema does not know. `validate(config)` runs before anything compiles
+and names the offending field. Fields marked "(unknown)" are not given by the release;
+the default is ours and an ablation in `experiments/ablations/` covers it.
+
+This module also owns `--config.a.b=value` overrides (`apply_overrides`) and their
+inverse (`override_args`), and the diff of two configs (`differences`).
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 import pathlib
 
 import ml_collections
+
+from pupujepa_jax import frontend as frontend_lib
+from pupujepa_jax import masking
+from pupujepa_jax.models import spec as spec_lib
 
 # Width, depth, heads of each encoder variant (SPEC section 3).
 VARIANTS = {
@@ -22,7 +36,8 @@ VARIANTS = {
     "large": dict(width=1024, depth=24, num_heads=16),
     "huge": dict(width=1280, depth=32, num_heads=16),
 }
-# Predictor width, depth, heads per variant (unknown; our defaults).
+# Predictor width, depth, heads per variant (unknown; our defaults; 512 x 8 fits the
+# released large checkpoint).
 PREDICTOR_DEFAULTS = {
     "tiny": dict(width=384, depth=6, num_heads=6),
     "small": dict(width=384, depth=6, num_heads=6),
@@ -30,69 +45,54 @@ PREDICTOR_DEFAULTS = {
     "large": dict(width=512, depth=8, num_heads=16),
     "huge": dict(width=512, depth=8, num_heads=16),
 }
-MASK_STRATEGIES = ("random", "block", "time_frequency", "multiblock")
 TEACHER_MODES = ("targets_only", "full_grid")
+TEACHER_PATCH_EMBEDS = ("shared", "ema")
 LOSSES = ("smooth_l1", "normalized_mse", "mse")
-POS_EMBEDS = ("rope", "sincos")
 DTYPES = ("float32", "bfloat16")
+REMAT = ("none", "dots", "full")
+DATA_SOURCES = ("tfds", "folder")
+SHORT_POLICIES = ("loop", "pad")
+# Fields that may change between a run and its resumption without changing its result.
+RESUMABLE_FIELDS = ("total_steps", "log_every", "checkpoint.every", "checkpoint.keep",
+                    "checkpoint.keep_period", "data.num_workers", "data.prefetch_buffer",
+                    "data.path", "attention")
 
 
-def model_config(variant: str = "tiny", **overrides) -> ml_collections.ConfigDict:
-  """Encoder architecture for a named variant."""
-  if variant not in VARIANTS:
-    raise ValueError(f"model.variant: unknown variant {variant!r}; known: {sorted(VARIANTS)}")
-  cfg = ml_collections.ConfigDict(dict(
-      variant=variant,
-      **VARIANTS[variant],
-      patch_time=4,           # patch height along time (frames)
-      patch_freq=16,          # patch width along mel bins
-      mlp_ratio=4.0,          # MLP hidden = mlp_ratio * width (per SwiGLU branch too)
-      swiglu=variant == "tiny",   # the released tiny uses SwiGLU and QK-norm
-      qk_norm=variant == "tiny",
-      layer_scale=0.0,        # 0 disables layer-scale; else its init value
-      drop_path=0.0,          # stochastic depth rate at the last block (linear in depth)
-      pos_embed="rope",       # "rope" (released) or "sincos" (2-D absolute, ablation)
-      rope_max_res=224.0,     # timm RotaryEmbeddingCat(in_pixels=True) max_res (unknown)
-      rope_linear_bands=True, # linearly spaced rotary frequency bands (SPEC section 3)
-  ))
-  cfg.update(overrides)
-  return cfg
+class ConfigError(ValueError):
+  """A config field has a wrong name, value or combination."""
+
+
+def _group(values: dict) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(values)
 
 
 def base_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   """The full schema with the released defaults for `variant`."""
+  if variant not in VARIANTS:
+    raise ConfigError(f"model.variant: unknown variant {variant!r}; known: {sorted(VARIANTS)}")
+  from pupujepa_jax import models
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.total_steps = 500_000
-  c.model = model_config(variant)
-  c.predictor = ml_collections.ConfigDict(dict(
-      **PREDICTOR_DEFAULTS[variant],
-      # Blocks in the predictor follow the encoder's flags (swiglu, qk_norm, ...).
-  ))
-  c.teacher_mode = "targets_only"
-  c.loss = "smooth_l1"         # (unknown) I-JEPA's choice
-  c.frontend = ml_collections.ConfigDict(dict(
-      sample_rate=24_000, n_fft=1024, hop=240, n_mels=128, f_min=0.0, f_max=12_000.0))
-  c.data = ml_collections.ConfigDict(dict(
+  arch = dataclasses.replace(models.Architecture(), **VARIANTS[variant])
+  c.model = _group(dict(variant=variant, **dataclasses.asdict(arch),
+                        drop_path=0.0))  # stochastic depth at the last block (linear)
+  c.predictor = _group(PREDICTOR_DEFAULTS[variant])
+  c.teacher_mode = "targets_only"      # released; "full_grid" = I-JEPA (ablation)
+  c.teacher_patch_embed = "shared"     # released; "ema" = the teacher's own EMA copy
+  c.loss = "smooth_l1"                 # (unknown) I-JEPA's choice
+  c.frontend = _group(dataclasses.asdict(frontend_lib.FrontendConfig()))
+  c.data = _group(dict(
       source="tfds",           # "tfds" (ArrayRecord from ingest / builders) or "folder"
       path="",                 # dataset dir (tfds) or audio folder (folder)
-      crop_frames=1024,        # 10.24 s at 100 frames/s
       batch_size=256,          # global batch
       num_workers=2,           # Grain worker processes per host (0 = in process)
       short_policy="loop",     # tracks shorter than a crop: "loop" or "pad"
       prefetch_buffer=2,
   ))
-  c.mask = ml_collections.ConfigDict(dict(
-      ratio=0.8,               # targets = floor(ratio * L)
-      probs=(0.4, 0.3, 0.3),   # (unknown) final [random, block, time_frequency]
-      warmup_start=10_000,     # (unknown) before: random only
-      warmup_end=50_000,       # (unknown) block/tf probabilities ramp up to here
-      strategy="",             # non-empty: always this strategy (ablations, `masks`)
-      max_attempts=150,
-      block_scale=(0.01, 0.05),
-      stripe_max_time=40,
-  ))
-  c.optim = ml_collections.ConfigDict(dict(
+  mask = dataclasses.asdict(masking.MaskConfig())
+  c.mask = _group({k: tuple(v) if isinstance(v, list) else v for k, v in mask.items()})
+  c.optim = _group(dict(
       lr=1.5e-4,               # peak learning rate (unknown)
       min_lr=1e-6,
       warmup_steps=10_000,
@@ -102,29 +102,54 @@ def base_config(variant: str = "tiny") -> ml_collections.ConfigDict:
       ema=(0.996, 1.0),          # linear momentum schedule start -> end
       grad_clip=0.0,             # 0 disables global-norm clipping
   ))
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))  # -1: all remaining devices
+  c.mesh = _group(dict(data=-1, fsdp=1))  # -1: all remaining devices
   c.compute_dtype = "float32"
-  c.remat = False
+  c.remat = "none"            # "none", "dots" (keep matmul outputs) or "full"
+  c.attention = "auto"        # attention kernel (models.attention.KERNELS)
   c.log_every = 50
-  c.checkpoint = ml_collections.ConfigDict(dict(every=5000, keep=3, keep_period=50_000))
+  c.checkpoint = _group(dict(every=5000, keep=3, keep_period=50_000))
   return c
 
 
-def frontend_from_config(cfg):
-  """The `FrontendConfig` a run's config describes."""
-  from pupujepa_jax import frontend
-  return frontend.FrontendConfig(**dict(cfg.frontend))
+# --------------------------------------------------------------- typed views of a config
+
+def architecture(cfg):
+  from pupujepa_jax import models
+  names = {f.name for f in dataclasses.fields(models.Architecture)}
+  return models.Architecture(**{k: v for k, v in cfg.model.items() if k in names})
+
+
+def frontend(cfg) -> frontend_lib.FrontendConfig:
+  return frontend_lib.FrontendConfig(**dict(cfg.frontend))
+
+
+def serving_spec(cfg):
+  from pupujepa_jax import models
+  return models.ServingSpec(architecture(cfg), frontend(cfg))
+
+
+def predictor_size(cfg):
+  from pupujepa_jax import models
+  return models.PredictorSize(**dict(cfg.predictor))
+
+
+def runtime(cfg):
+  from pupujepa_jax import models
+  return models.Runtime(compute_dtype=cfg.compute_dtype, remat=cfg.remat,
+                        attention=cfg.attention, drop_path=float(cfg.model.drop_path))
+
+
+def mask(cfg) -> masking.MaskConfig:
+  values = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in cfg.mask.items()}
+  return masking.MaskConfig(**values)
 
 
 def grid_shape(cfg) -> tuple[int, int]:
-  """Token grid (time patches, frequency patches) for the run's crop."""
-  return (cfg.data.crop_frames // cfg.model.patch_time,
-          cfg.frontend.n_mels // cfg.model.patch_freq)
+  """Token grid (time patches, frequency patches) of the run's crop."""
+  return architecture(cfg).grid(cfg.frontend.n_mels)
 
 
-class ConfigError(ValueError):
-  """A config field has a wrong name, value or combination."""
-
+# ---------------------------------------------------------------------------- validation
 
 def _check_keys(cfg, schema, prefix=""):
   for key in cfg.keys():
@@ -135,63 +160,116 @@ def _check_keys(cfg, schema, prefix=""):
       if not isinstance(cfg[key], ml_collections.ConfigDict):
         raise ConfigError(f"{name}: expected a group of fields, got {cfg[key]!r}")
       _check_keys(cfg[key], schema[key], name + ".")
+    elif isinstance(cfg[key], ml_collections.ConfigDict):
+      raise ConfigError(f"{name}: expected a value, got a group of fields")
   for key in schema.keys():
     if key not in cfg:
       raise ConfigError(f"{prefix}{key}: missing config field")
 
 
+def _check_value_types(cfg, schema, prefix=""):
+  """Each leaf has its default's type (an int is accepted where a float is expected)."""
+  for key in schema.keys():
+    name, value, default = f"{prefix}{key}", cfg[key], schema[key]
+    if isinstance(default, ml_collections.ConfigDict):
+      _check_value_types(value, default, name + ".")
+      continue
+    if isinstance(default, bool):
+      ok = isinstance(value, bool)
+    elif isinstance(default, int):
+      ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+      ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(
+          value)
+    elif isinstance(default, (tuple, list)):
+      ok = isinstance(value, (tuple, list)) and all(
+          isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+          for v in value)
+    else:
+      ok = isinstance(value, type(default))
+    if not ok:
+      raise ConfigError(f"{name}: expected {type(default).__name__}, got {value!r}")
+
+
+def _positive(name: str, value, allow_zero: bool = False):
+  if value < 0 or (value == 0 and not allow_zero):
+    raise ConfigError(f"{name}={value} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def _one_of(name: str, value, choices):
+  if value not in choices:
+    raise ConfigError(f"{name}: {value!r} not in {choices}")
+
+
 def validate(cfg, num_devices: int | None = None) -> None:
   """Raise ConfigError naming the field if `cfg` is unknown, impossible or inconsistent."""
-  _check_keys(cfg, base_config())
-  m, p, d = cfg.model, cfg.predictor, cfg.data
-  if m.variant not in VARIANTS:
-    raise ConfigError(f"model.variant: unknown variant {m.variant!r}; known: {sorted(VARIANTS)}")
-  if d.crop_frames % m.patch_time:
-    raise ConfigError(f"data.crop_frames={d.crop_frames} is not divisible by "
-                      f"model.patch_time={m.patch_time}")
-  if cfg.frontend.n_mels % m.patch_freq:
-    raise ConfigError(f"frontend.n_mels={cfg.frontend.n_mels} is not divisible by "
-                      f"model.patch_freq={m.patch_freq}")
-  for name, group in (("model", m), ("predictor", p)):
-    if group.width % group.num_heads:
-      raise ConfigError(f"{name}.width={group.width} is not divisible by "
-                        f"{name}.num_heads={group.num_heads}")
-    if m.pos_embed == "rope" and (group.width // group.num_heads) % 4:
-      raise ConfigError(f"{name}: head dim {group.width // group.num_heads} must be a "
-                        "multiple of 4 for 2-D rotary embeddings")
-  if m.pos_embed not in POS_EMBEDS:
-    raise ConfigError(f"model.pos_embed: {m.pos_embed!r} not in {POS_EMBEDS}")
-  if cfg.teacher_mode not in TEACHER_MODES:
-    raise ConfigError(f"teacher_mode: {cfg.teacher_mode!r} not in {TEACHER_MODES}")
-  if cfg.loss not in LOSSES:
-    raise ConfigError(f"loss: {cfg.loss!r} not in {LOSSES}")
-  if cfg.compute_dtype not in DTYPES:
-    raise ConfigError(f"compute_dtype: {cfg.compute_dtype!r} not in {DTYPES}")
-  mk = cfg.mask
-  if mk.strategy and mk.strategy not in MASK_STRATEGIES:
-    raise ConfigError(f"mask.strategy: unknown strategy {mk.strategy!r}; "
-                      f"known: {MASK_STRATEGIES}")
-  if len(mk.probs) != 3 or any(x < 0 for x in mk.probs) or not math.isclose(sum(mk.probs), 1.0):
-    raise ConfigError(f"mask.probs={tuple(mk.probs)} must be 3 non-negative numbers summing "
-                      "to 1 ([random, block, time_frequency])")
-  if not 0.0 < mk.ratio < 1.0:
-    raise ConfigError(f"mask.ratio={mk.ratio} must be in (0, 1)")
-  if mk.warmup_end < mk.warmup_start:
-    raise ConfigError(f"mask.warmup_end={mk.warmup_end} < mask.warmup_start={mk.warmup_start}")
-  h, w = grid_shape(cfg)
-  n_targets = int(math.floor(mk.ratio * h * w))
-  if n_targets < 1 or n_targets >= h * w:
-    raise ConfigError(f"mask.ratio={mk.ratio} leaves no context or no targets on a "
-                      f"{h}x{w} grid")
-  if d.short_policy not in ("loop", "pad"):
-    raise ConfigError(f"data.short_policy: {d.short_policy!r} not in ('loop', 'pad')")
-  if d.source not in ("tfds", "folder"):
-    raise ConfigError(f"data.source: {d.source!r} not in ('tfds', 'folder')")
-  if cfg.optim.warmup_steps > cfg.total_steps:
-    raise ConfigError(f"optim.warmup_steps={cfg.optim.warmup_steps} exceeds "
+  from pupujepa_jax.models import attention
+  if not isinstance(cfg, ml_collections.ConfigDict):
+    raise ConfigError(f"a config must be an ml_collections.ConfigDict, got {type(cfg).__name__}")
+  if "model" in cfg and isinstance(cfg.model, ml_collections.ConfigDict) \
+      and cfg.model.get("variant") not in VARIANTS:
+    raise ConfigError(f"model.variant: unknown variant {cfg.model.get('variant')!r}; "
+                      f"known: {sorted(VARIANTS)}")
+  schema = base_config(cfg.model.variant if "model" in cfg else "tiny")
+  _check_keys(cfg, schema)
+  _check_value_types(cfg, schema)
+  try:
+    serving_spec(cfg).validate()
+    mask(cfg).validate(grid_shape(cfg))
+    _validate_predictor(cfg)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  _one_of("teacher_mode", cfg.teacher_mode, TEACHER_MODES)
+  _one_of("teacher_patch_embed", cfg.teacher_patch_embed, TEACHER_PATCH_EMBEDS)
+  _one_of("loss", cfg.loss, LOSSES)
+  _one_of("compute_dtype", cfg.compute_dtype, DTYPES)
+  _one_of("remat", cfg.remat, REMAT)
+  _one_of("attention", cfg.attention, attention.KERNELS)
+  _one_of("data.short_policy", cfg.data.short_policy, SHORT_POLICIES)
+  _one_of("data.source", cfg.data.source, DATA_SOURCES)
+  if not 0.0 <= cfg.model.drop_path < 1.0:
+    raise ConfigError(f"model.drop_path={cfg.model.drop_path} must be in [0, 1)")
+  for name in ("total_steps", "log_every", "checkpoint.every", "data.batch_size",
+               "data.prefetch_buffer", "optim.lr"):
+    _positive(name, _get(cfg, name))
+  for name in ("optim.warmup_steps", "optim.min_lr", "optim.grad_clip", "checkpoint.keep",
+               "checkpoint.keep_period", "data.num_workers"):
+    _positive(name, _get(cfg, name), allow_zero=True)
+  o = cfg.optim
+  if o.min_lr > o.lr:
+    raise ConfigError(f"optim.min_lr={o.min_lr} exceeds optim.lr={o.lr}")
+  for name in ("b1", "b2"):
+    if not 0.0 <= o[name] < 1.0:
+      raise ConfigError(f"optim.{name}={o[name]} must be in [0, 1)")
+  for name, low, high in (("weight_decay", 0.0, 10.0), ("ema", 0.0, 1.0)):
+    values = tuple(o[name])
+    if len(values) != 2 or not all(low <= v <= high for v in values):
+      raise ConfigError(f"optim.{name}={values} must be (start, end) within [{low}, {high}]")
+  if o.warmup_steps > cfg.total_steps:
+    raise ConfigError(f"optim.warmup_steps={o.warmup_steps} exceeds "
                       f"total_steps={cfg.total_steps}")
   if num_devices is not None:
     mesh_shape(cfg, num_devices)  # raises on a mesh that does not fit
+
+
+def _validate_predictor(cfg) -> None:
+  p = cfg.predictor
+  for name in ("width", "depth", "num_heads"):
+    if not 1 <= p[name] <= spec_lib.MAX_WIDTH:
+      raise ConfigError(f"predictor.{name}={p[name]} is outside [1, {spec_lib.MAX_WIDTH}]")
+  if p.width % p.num_heads:
+    raise ConfigError(f"predictor.width={p.width} is not divisible by "
+                      f"predictor.num_heads={p.num_heads}")
+  if cfg.model.pos_embed == "rope" and (p.width // p.num_heads) % 4:
+    raise ConfigError(f"predictor: head dim {p.width // p.num_heads} must be a multiple of "
+                      "4 for 2-D rotary embeddings")
+
+
+def _get(cfg, dotted: str):
+  node = cfg
+  for part in dotted.split("."):
+    node = node[part]
+  return node
 
 
 def mesh_shape(cfg, num_devices: int) -> tuple[int, int]:
@@ -212,18 +290,30 @@ def mesh_shape(cfg, num_devices: int) -> tuple[int, int]:
   return data, fsdp
 
 
+# ---------------------------------------------------------------------- loading and args
+
 def load_config(spec: str) -> ml_collections.ConfigDict:
   """Load `path/to/file.py[:arg]` by calling its `get_config(arg)`."""
   path, _, arg = spec.partition(":")
   file = pathlib.Path(path)
   if not file.is_file():
     raise ConfigError(f"config file {path!r} does not exist")
+  if file.suffix != ".py":
+    raise ConfigError(f"config file {path!r} is not a Python file (configs are "
+                      "experiments/*.py files with get_config(arg))")
   module_spec = importlib.util.spec_from_file_location(f"_pupujepa_cfg_{file.stem}", file)
   module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
+  try:
+    module_spec.loader.exec_module(module)
+  except SyntaxError as e:
+    raise ConfigError(f"config file {path!r} does not parse: {e}") from e
   if not hasattr(module, "get_config"):
     raise ConfigError(f"config file {path!r} has no get_config(arg) function")
-  return module.get_config(arg) if arg else module.get_config()
+  cfg = module.get_config(arg) if arg else module.get_config()
+  if not isinstance(cfg, ml_collections.ConfigDict):
+    raise ConfigError(f"config file {path!r}: get_config returned {type(cfg).__name__}, "
+                      "not a ConfigDict")
+  return cfg
 
 
 def parse_arg(arg: str, **defaults) -> ml_collections.ConfigDict:
@@ -236,8 +326,106 @@ def parse_arg(arg: str, **defaults) -> ml_collections.ConfigDict:
     default = defaults[key]
     if not eq:
       out[key] = True
-    elif isinstance(default, bool):
-      out[key] = value.lower() in ("1", "true", "yes")
     else:
-      out[key] = type(default)(value)
+      try:
+        out[key] = parse_value(value, default)
+      except ValueError as e:
+        raise ConfigError(f"config argument {key}: {e}") from e
   return out
+
+
+def parse_value(text: str, like):
+  """Parse override text into the type of the existing value `like`."""
+  if isinstance(like, bool):
+    if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+      raise ValueError(f"expected a boolean, got {text!r}")
+    return text.lower() in ("true", "1", "yes")
+  if isinstance(like, (tuple, list)):
+    items = [x for x in text.strip("()[]").split(",") if x.strip()]
+    return tuple(parse_value(x.strip(), like[0] if like else 0.0) for x in items)
+  try:
+    if isinstance(like, int):
+      return int(text)
+    if isinstance(like, float):
+      return float(text)
+  except ValueError:
+    raise ValueError(f"expected {type(like).__name__}, got {text!r}") from None
+  return text
+
+
+def format_value(value) -> str:
+  """A value as override text that `parse_value` reads back to the same value."""
+  if isinstance(value, (tuple, list)):
+    return ",".join(format_value(v) for v in value)
+  if isinstance(value, float):
+    return repr(value)
+  return str(value)
+
+
+def override_args(overrides: dict) -> list[str]:
+  """`{"a.b": 1}` -> `["--config.a.b=1"]`: the inverse of `apply_overrides`."""
+  return [f"--config.{key}={format_value(value)}" for key, value in overrides.items()]
+
+
+def apply_overrides(cfg, overrides) -> ml_collections.ConfigDict:
+  """Apply `--config.a.b=value` overrides; unknown fields and groups are errors naming them."""
+  for item in overrides:
+    if not item.startswith("--config.") or "=" not in item:
+      raise ConfigError(f"unrecognised argument {item!r} "
+                        "(overrides look like --config.data.batch_size=64)")
+    key, value = item[len("--config."):].split("=", 1)
+    *groups, leaf = key.split(".")
+    node = cfg
+    for g in groups:
+      if g not in node or not isinstance(node[g], ml_collections.ConfigDict):
+        raise ConfigError(f"{key}: unknown config field")
+      node = node[g]
+    if leaf not in node:
+      raise ConfigError(f"{key}: unknown config field")
+    if isinstance(node[leaf], ml_collections.ConfigDict):
+      raise ConfigError(f"{key}: is a group of fields; set its fields ({key}.<field>) "
+                        "one by one")
+    try:
+      node[leaf] = parse_value(value, node[leaf])
+    except (ValueError, TypeError) as e:
+      raise ConfigError(f"{key}: {e}") from e
+  return cfg
+
+
+def flatten(values: dict, prefix: str = "") -> dict:
+  """{"a": {"b": 1}} -> {"a.b": 1} (tuples as lists, as JSON holds them)."""
+  out = {}
+  for key, value in values.items():
+    if isinstance(value, dict):
+      out.update(flatten(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+  return out
+
+
+def differences(old: dict, new: dict, ignore=RESUMABLE_FIELDS) -> dict:
+  """{dotted field: (old, new)} of the fields that differ, except `ignore`d ones."""
+  a, b = flatten(old), flatten(new)
+  return {k: (a.get(k, "<absent>"), b.get(k, "<absent>")) for k in sorted(set(a) | set(b))
+          if k not in ignore and a.get(k, "<absent>") != b.get(k, "<absent>")}
+
+
+def to_dict(cfg) -> dict:
+  """The JSON-able form of a config (what a workdir's config.json holds)."""
+  import json
+  return json.loads(cfg.to_json())
+
+
+def from_dict(values: dict) -> ml_collections.ConfigDict:
+  """A config from `to_dict` output, with lists back to tuples where the schema has them."""
+  cfg = ml_collections.ConfigDict(values)
+  _restore_tuples(cfg)
+  return cfg
+
+
+def _restore_tuples(node) -> None:
+  for key, value in node.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      _restore_tuples(value)
+    elif isinstance(value, list):
+      node[key] = tuple(value)

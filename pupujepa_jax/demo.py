@@ -61,8 +61,10 @@ def export_models(out: pathlib.Path, cfg) -> dict:
   dirs = {name: out / "models" / name for name in MODELS}
   export.export_workdir(out / "pretrain", dirs["pretrained"], model_id="demo-pretrained")
   if not (dirs["random_init"] / export.CONFIG_FILE).exists():
-    params = models.init_params(cfg, jax.random.key(cfg.seed + 1))["encoder"]
-    export.write_model_dir(dirs["random_init"], params, cfg, step=0, cfg_hash="random-init",
+    from pupujepa_jax import config as config_lib
+    params = models.init_encoder(config_lib.architecture(cfg), cfg.frontend.n_mels,
+                                 jax.random.key(cfg.seed + 1))
+    export.write_model_dir(dirs["random_init"], params, config_lib.serving_spec(cfg),
                            model_id="demo-random-init", source="random_init")
   return dirs
 
@@ -72,7 +74,7 @@ def embed_tasks(out: pathlib.Path, model_dirs: dict, tasks: list[str]) -> dict:
   from pupujepa_jax import export, inference
   features = {}
   for name, model_dir in model_dirs.items():
-    step = export.read_model_dir(model_dir).meta["step"]
+    step = export.read_model_dir(model_dir).meta["provenance"]["step"]
     model = None
     for task in tasks:
       feat_dir = out / "features" / name / task
@@ -182,7 +184,7 @@ def draw_pictures(out: pathlib.Path, cfg, model_dirs: dict, results: list[dict])
   masks = []
   for strategy in masking.STRATEGIES:
     sample = jax.jit(functools.partial(masking.sample_target_mask, strategy=strategy,
-                                       grid=grid, mask_cfg=masking.mask_params(cfg.mask)))
+                                       grid=grid, mask_cfg=config_lib.mask(cfg)))
     masks.append(np.asarray(sample(jax.random.key(0))))
   masking.draw_masks_png(np.stack(masks), grid, str(out / "masks.png"),
                          titles=list(masking.STRATEGIES))

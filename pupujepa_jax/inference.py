@@ -1,16 +1,20 @@
-"""Embedding raw audio with an exported model: windows, front-end, teacher, readouts.
+"""Embedding raw audio with an exported model: windows, front-end, encoder, readouts.
 
-`load(model_dir)` returns a `Model`; `Model.embed(wave, sample_rate)` gives per-layer
-features `[L + 1, n_chunks, D']` (index 0 = patch-embedding output, then each block's
-output, before the final LayerNorm), one chunk per window. `embed_folder` writes SPEC
-section 6's MARBLE layout (`<out>/<relpath>.npy` + `meta.json`).
+`load(model_dir)` returns a `Model`; `Model.embed(wave, sample_rate)` gives features
+`[n_layers, n_chunks, D']`, one chunk per window. Layers are named by index:
+0 = the patch embedding's output, 1..L = each block's output (before the final
+LayerNorm), and `"final"` = the output after the final LayerNorm, which is the released
+embedding (what the release's own inference publishes). `layers="final",
+readout="mean"` on a 10.24 s clip gives one [1, 1, D] array: the mean over tokens of
+the release's teacher output. `embed_folder` writes SPEC section 6's MARBLE layout
+(`<out>/<relpath>.npy` + `meta.json`, which names the layers).
 
-Windows are exactly the training crop length (RoPE positions are normalised to the grid
-extent, so another length would shift every position). A clip shorter than one window is
-looped (or zero-padded); a longer clip is cut every `hop` seconds and, if the windows do
-not reach its end, one last window is aligned to the end. Windows of many files are
-batched together in fixed-size batches (the last one padded) so nothing recompiles, and
-each batch is split over all local devices.
+Windows are exactly the model's window length (RoPE positions are normalised to the
+grid extent, so another length would shift every position). A clip shorter than one
+window is looped (or zero-padded); a longer clip is cut every `hop` seconds and, if the
+windows do not reach its end, one last window is aligned to the end. Windows of many
+files are batched together in fixed-size batches (the last one padded) so nothing
+recompiles, and each batch is split over all local devices.
 
 Readouts: `freqcat` concatenates the W frequency tokens of each 25 Hz time step
 (W * D features) and averages over time; `mean` averages all tokens (D features).
@@ -22,15 +26,14 @@ import json
 import pathlib
 
 import jax
-import ml_collections
 import numpy as np
 
 from data_pipelines import audio
-from pupujepa_jax import config as config_lib
 from pupujepa_jax import export, frontend, models, sharding
 
 READOUTS = ("freqcat", "mean")
 SHORT_POLICIES = audio.SHORT_POLICIES
+FINAL = "final"
 
 
 def window_starts(num_samples: int, window: int, hop: int) -> list[int]:
@@ -56,47 +59,64 @@ def split_windows(wave: np.ndarray, window: int, hop: int,
   return np.stack([wave[s:s + window] for s in window_starts(wave.shape[0], window, hop)])
 
 
-def readout(layers, grid: tuple[int, int], kind: str):
-  """[L+1, B, N, D] tokens -> [L+1, B, D'] window features (see module docstring)."""
+def readout(tokens, grid: tuple[int, int], kind: str):
+  """[..., B, N, D] tokens -> [..., B, D'] window features (see module docstring)."""
   if kind == "freqcat":
-    n_layers, b, _, d = layers.shape
-    return layers.reshape(n_layers, b, grid[0], grid[1] * d).mean(axis=2)
+    *lead, n, d = tokens.shape
+    return tokens.reshape(*lead, grid[0], grid[1] * d).mean(axis=-2)
   if kind == "mean":
-    return layers.mean(axis=2)
+    return tokens.mean(axis=-2)
   raise ValueError(f"readout {kind!r} not in {READOUTS}")
 
 
-def select_layers(n_layers: int, layers) -> list[int]:
-  """Layer indices from "all", "last", an int or a list of ints (negative counts back)."""
+def select_layers(num_layers: int, layers) -> list:
+  """Layer keys from "all", "last", "final", an int or a list of ints / "final".
+
+  Returns block-layer indices (0 .. num_layers - 1; negative counts back) and FINAL.
+  """
   if layers == "all":
-    return list(range(n_layers))
+    return list(range(num_layers))
   if layers == "last":
-    return [n_layers - 1]
-  chosen = [layers] if isinstance(layers, int) else list(layers)
+    return [num_layers - 1]
+  chosen = [layers] if isinstance(layers, (int, str)) else list(layers)
   out = []
   for i in chosen:
-    if not -n_layers <= int(i) < n_layers:
-      raise ValueError(f"layer {i} out of range: the model has {n_layers} layers "
-                       f"(0 = patch embedding .. {n_layers - 1})")
-    out.append(int(i) % n_layers)
+    if i == FINAL:
+      out.append(FINAL)
+      continue
+    if isinstance(i, str) or not -num_layers <= int(i) < num_layers:
+      raise ValueError(f"layer {i!r} out of range: the model has layers 0 = patch embedding "
+                       f".. {num_layers - 1} = last block, and {FINAL!r}")
+    out.append(int(i) % num_layers)
   return out
+
+
+def layer_names(num_layers: int, chosen: list) -> list[str]:
+  """Human names of layer keys: patch_embed, block_0 .. block_{L-1}, final."""
+  return [FINAL if i == FINAL else "patch_embed" if i == 0 else f"block_{i - 1}"
+          for i in chosen]
 
 
 @dataclasses.dataclass
 class Model:
-  """A teacher encoder with its front-end, ready to embed raw audio on all local devices."""
-  cfg: ml_collections.ConfigDict
+  """An encoder with its front-end, ready to embed raw audio on all local devices."""
+  spec: models.ServingSpec
   params: dict
   model_id: str = "unnamed"
   meta: dict = dataclasses.field(default_factory=dict)
   batch_size: int = 8
   short_policy: str = "loop"
+  attention: str = "auto"
 
   def __post_init__(self):
     if self.short_policy not in SHORT_POLICIES:
       raise ValueError(f"short_policy {self.short_policy!r} not in {SHORT_POLICIES}")
-    self.frontend = config_lib.frontend_from_config(self.cfg)
-    self.grid = config_lib.grid_shape(self.cfg)
+    if self.batch_size < 1:
+      raise ValueError(f"batch_size {self.batch_size} must be >= 1")
+    self.frontend = self.spec.frontend
+    self.architecture = self.spec.architecture
+    self.grid = self.spec.grid
+    self.runtime = models.Runtime(attention=self.attention)
     devices = jax.local_devices()
     self.mesh = sharding.make_mesh(len(devices), 1, devices)
     # A batch must split evenly over the devices.
@@ -106,16 +126,12 @@ class Model:
 
   # ---------------------------------------------------------------- sizes
   @property
-  def crop_frames(self) -> int:
-    return int(self.cfg.data.crop_frames)
-
-  @property
   def sample_rate(self) -> int:
     return int(self.frontend.sample_rate)
 
   @property
   def window_samples(self) -> int:
-    return self.frontend.samples_for_frames(self.crop_frames)
+    return self.spec.window_samples
 
   @property
   def window_seconds(self) -> float:
@@ -123,49 +139,58 @@ class Model:
 
   @property
   def num_layers(self) -> int:
-    """L + 1: the patch embedding plus one entry per block."""
-    return int(self.cfg.model.depth) + 1
+    """L + 1 block layers: the patch embedding plus one entry per block."""
+    return int(self.architecture.depth) + 1
 
   @property
   def token_rate(self) -> float:
     """Tokens per second per frequency band (25 for the released front-end)."""
-    return self.frontend.frames_per_second / self.cfg.model.patch_time
+    return self.frontend.frames_per_second / self.architecture.patch_time
 
   def feature_dim(self, kind: str) -> int:
-    return self.cfg.model.width * (self.grid[1] if kind == "freqcat" else 1)
+    return self.architecture.width * (self.grid[1] if kind == "freqcat" else 1)
 
   # ---------------------------------------------------------------- compute
   def spectrogram(self, wave):
-    """Log-mel [..., frames, n_mels] of 24 kHz mono samples (jnp front-end)."""
+    """Log-mel [..., frames, n_mels] of mono samples at the model's rate (jnp front-end)."""
     return frontend.log_mel_jnp(wave, self.frontend)
 
-  def encode(self, spectrogram):
+  def encode(self, spectrogram, return_layers: bool = True):
     """(final tokens [B, N, D], layers [L+1, B, N, D]) of spectrograms [B, T, F]."""
-    return models.make_encoder(self.cfg).apply({"params": self.params}, spectrogram,
-                                               return_layers=True)
+    return models.encode(self.architecture, self.params, spectrogram, self.runtime,
+                         return_layers=return_layers)
 
-  def _compiled(self, kind: str):
+  def _compiled(self, kind: str, chosen: tuple):
     if kind not in READOUTS:
       raise ValueError(f"readout {kind!r} not in {READOUTS}")
-    if kind not in self._forward:
+    key = (kind, chosen)
+    if key not in self._forward:
+      blocks = [i for i in chosen if i != FINAL]
+
       def forward(params, waves):
         spec = frontend.log_mel_jnp(waves, self.frontend)
-        _, layers = models.make_encoder(self.cfg).apply({"params": params}, spec,
-                                                        return_layers=True)
-        return readout(layers, self.grid, kind)
+        final, layers = models.encode(self.architecture, params, spec, self.runtime,
+                                      return_layers=True)
+        parts = {FINAL: readout(final, self.grid, kind)[None]}
+        if blocks:
+          picked = readout(layers[np.asarray(blocks)], self.grid, kind)
+          parts.update({i: picked[j][None] for j, i in enumerate(blocks)})
+        return jax.numpy.concatenate([parts[i] for i in chosen], axis=0)
+
       batch = sharding.batch_sharding(self.mesh)
-      self._forward[kind] = jax.jit(
+      self._forward[key] = jax.jit(
           forward, in_shardings=(sharding.replicated(self.mesh), batch),
           out_shardings=jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(
               None, sharding.DATA_AXES)))
-    return self._forward[kind]
+    return self._forward[key]
 
-  def embed_windows(self, windows: np.ndarray, readout: str = "freqcat") -> np.ndarray:
-    """[n, window_samples] windows -> [L+1, n, D'] features, in fixed-size batches."""
+  def embed_windows(self, windows: np.ndarray, readout: str = "freqcat",
+                    layers="all") -> np.ndarray:
+    """[n, window_samples] windows -> [n_layers, n, D'] features, in fixed-size batches."""
     windows = np.asarray(windows, np.float32)
     if windows.ndim != 2 or windows.shape[1] != self.window_samples:
       raise ValueError(f"windows must be [n, {self.window_samples}], got {windows.shape}")
-    forward = self._compiled(readout)
+    forward = self._compiled(readout, tuple(select_layers(self.num_layers, layers)))
     out = []
     for start in range(0, windows.shape[0], self.batch_size):
       batch = windows[start:start + self.batch_size]
@@ -177,9 +202,18 @@ class Model:
     return np.concatenate(out, axis=1)
 
   def windows(self, wave: np.ndarray, hop_seconds: float | None = None) -> np.ndarray:
-    hop = self.window_samples if hop_seconds is None else int(round(hop_seconds *
-                                                                    self.sample_rate))
-    return split_windows(wave, self.window_samples, hop, self.short_policy)
+    return split_windows(wave, self.window_samples, self.hop_samples(hop_seconds),
+                         self.short_policy)
+
+  def hop_samples(self, hop_seconds: float | None) -> int:
+    """Window hop in samples: the window length by default; bounded to [1/100 s, window]."""
+    if hop_seconds is None:
+      return self.window_samples
+    hop = int(round(float(hop_seconds) * self.sample_rate))
+    if not self.sample_rate // 100 <= hop <= self.window_samples:
+      raise ValueError(f"hop_seconds={hop_seconds} must be between 0.01 s and the window "
+                       f"({self.window_seconds:.2f} s)")
+    return hop
 
   def embed(self, wave, sample_rate: int, readout: str = "freqcat", layers="all",
             hop_seconds: float | None = None) -> np.ndarray:
@@ -188,15 +222,16 @@ class Model:
     if wave.size == 0 or not np.all(np.isfinite(wave)):
       raise ValueError("waveform is empty or holds NaN/Inf samples")
     mono = audio.prepare_waveform(wave, int(sample_rate), self.sample_rate)
-    feats = self.embed_windows(self.windows(mono, hop_seconds), readout)
-    return feats[select_layers(self.num_layers, layers)]
+    return self.embed_windows(self.windows(mono, hop_seconds), readout, layers)
 
 
-def load(model_dir, batch_size: int = 8, short_policy: str = "loop") -> Model:
+def load(model_dir, batch_size: int = 8, short_policy: str = "loop",
+         attention: str = "auto") -> Model:
   """The `Model` of an exported (or imported) model directory; refuses broken ones."""
   md = export.read_model_dir(model_dir)
-  return Model(md.cfg, md.params, model_id=md.meta.get("model_id") or md.path.name,
-               meta=md.meta, batch_size=batch_size, short_policy=short_policy)
+  return Model(md.spec, md.params, model_id=md.meta.get("model_id") or md.path.name,
+               meta=md.meta, batch_size=batch_size, short_policy=short_policy,
+               attention=attention)
 
 
 # ------------------------------------------------------------------------ MARBLE export
@@ -228,7 +263,8 @@ def embed_folder(model: Model, input_path, out, readout: str = "freqcat", layers
   input_path, out = pathlib.Path(input_path), pathlib.Path(out)
   files = _relpaths(input_path)
   chosen = select_layers(model.num_layers, layers)
-  hop = model.window_seconds if hop_seconds is None else float(hop_seconds)
+  hop_samples = model.hop_samples(hop_seconds)
+  hop = hop_samples / model.sample_rate
   out.mkdir(parents=True, exist_ok=True)
   failed, written = [], []
   queue, owners = [], []  # pending windows and, per file with windows queued, its count
@@ -240,7 +276,7 @@ def embed_folder(model: Model, input_path, out, readout: str = "freqcat", layers
     n_ready = len(queue) if final else len(queue) // model.batch_size * model.batch_size
     if n_ready == 0:
       return
-    feats = model.embed_windows(np.stack(queue[:n_ready]), readout)[chosen]
+    feats = model.embed_windows(np.stack(queue[:n_ready]), readout, chosen)
     queue = queue[n_ready:]
     offset = 0
     while owners and offset + owners[0][1] - owners[0][2] <= n_ready:
@@ -274,11 +310,13 @@ def embed_folder(model: Model, input_path, out, readout: str = "freqcat", layers
   finally:
     if bar is not None:
       bar.close()
+  provenance = model.meta.get("provenance", {})
   meta = {"D": model.feature_dim(readout), "L": model.num_layers - 1,
-          "layers": chosen, "token_rate": model.token_rate,
+          "layers": chosen, "layer_names": layer_names(model.num_layers, chosen),
+          "token_rate": model.token_rate,
           "tokens_per_second": model.token_rate * model.grid[1],
           "sample_rate": model.sample_rate, "readout": readout, "model_id": model.model_id,
-          "config_hash": model.meta.get("config_hash"), "step": model.meta.get("step"),
+          "config_hash": provenance.get("config_hash"), "step": provenance.get("step"),
           "window_seconds": model.window_seconds, "hop_seconds": hop,
           "short_policy": model.short_policy, "shape": "[layers, n_chunks, D]",
           "n_files": len(written), "files": written, "failed": failed}

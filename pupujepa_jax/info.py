@@ -10,17 +10,24 @@ from pupujepa_jax import masking, models
 
 
 def model_info(cfg) -> dict:
-  """Parameter counts of encoder and predictor, token grid and tokens per second."""
-  shapes = jax.eval_shape(functools.partial(models.init_params, cfg, jax.random.key(0)))
+  """Parameter counts, token grid and tokens per second of a config.
+
+  `encoder_params` is the released embedding's encoder (patch embedding, blocks, final
+  norm), the count the release reports per variant.
+  """
+  shapes = jax.eval_shape(functools.partial(
+      models.init_params, config_lib.architecture(cfg), config_lib.predictor_size(cfg),
+      cfg.frontend.n_mels), jax.random.key(0))
   h, w = config_lib.grid_shape(cfg)
   frames_per_second = cfg.frontend.sample_rate / cfg.frontend.hop
   return {
       "variant": cfg.model.variant,
-      "encoder_params": models.count_params(shapes["encoder"]),
+      "encoder_params": models.count_params({"patch_embed": shapes["patch_embed"],
+                                             "blocks": shapes["student"]}),
       "predictor_params": models.count_params(shapes["predictor"]),
       "token_grid": [h, w],
       "tokens": h * w,
-      "crop_seconds": cfg.data.crop_frames / frames_per_second,
+      "crop_seconds": cfg.model.crop_frames / frames_per_second,
       "time_steps_per_second": frames_per_second / cfg.model.patch_time,
       "tokens_per_second": frames_per_second / cfg.model.patch_time * w,
       "patch": [cfg.model.patch_time, cfg.model.patch_freq],
@@ -30,12 +37,11 @@ def model_info(cfg) -> dict:
 def mask_report(cfg, strategy: str, n: int, seed: int = 0, step: int = 0,
                 png: str | None = None) -> dict:
   """Statistics of `n` masks drawn with `strategy` ("curriculum": the schedule at `step`)."""
-  if strategy != "curriculum":
-    cfg = cfg.copy_and_resolve_references()
-    cfg.mask.strategy = strategy
+  cfg = cfg.copy_and_resolve_references()
+  cfg.mask.strategy = strategy
   grid = config_lib.grid_shape(cfg)
   sample = jax.jit(functools.partial(masking.sample_masks, grid=grid, batch_size=n,
-                                     mask_cfg=masking.mask_params(cfg.mask)))
+                                     mask_cfg=config_lib.mask(cfg).validate(grid)))
   masks = sample(jax.random.key(seed), step)
   target, context = masking.masks_to_bool(masks, grid)
   stats = masking.mask_statistics(target, grid, cfg.mask.ratio, context_bool=context)

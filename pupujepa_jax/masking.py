@@ -15,6 +15,7 @@ up to exactly the target count with random patches.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import NamedTuple
@@ -23,9 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pupujepa_jax import config as config_lib
-
-STRATEGIES = config_lib.MASK_STRATEGIES  # index = the strategy id logged per step
+# The one list of mask strategies; the index is the id logged per step and the position
+# of the strategy's probability in `MaskConfig.probs`.
+STRATEGIES = ("random", "block", "time_frequency", "multiblock")
+CURRICULUM = "curriculum"  # draw one strategy per batch from the curriculum
 
 # I-JEPA multiblock constants (ablation only; not in the config schema).
 MULTIBLOCK_NUM_TARGETS = 4
@@ -37,16 +39,46 @@ BLOCK_VERTICAL_ASPECT = (2.0, 5.0)
 BLOCK_HORIZONTAL_ASPECT = (0.2, 0.5)
 
 
-class MaskParams(NamedTuple):
-  """The hashable (static) form of the `mask` config group."""
-  ratio: float = 0.8
-  probs: tuple[float, float, float] = (0.4, 0.3, 0.3)
-  warmup_start: int = 10_000
-  warmup_end: int = 50_000
-  strategy: str = ""
+@dataclasses.dataclass(frozen=True)
+class MaskConfig:
+  """The `mask` config group, typed and hashable (a static argument of the jitted step)."""
+  strategy: str = CURRICULUM   # "curriculum" or one of STRATEGIES (always that one)
+  ratio: float = 0.8           # targets = floor(ratio * L)
+  probs: tuple = (0.4, 0.3, 0.3, 0.0)  # (unknown) final probability per STRATEGIES entry
+  warmup_start: int = 10_000   # (unknown) before: random only
+  warmup_end: int = 50_000     # (unknown) the other probabilities ramp up to here
   max_attempts: int = 150
-  block_scale: tuple[float, float] = (0.01, 0.05)
+  block_scale: tuple = (0.01, 0.05)
   stripe_max_time: int = 40
+
+  def validate(self, grid) -> "MaskConfig":
+    """Raise ValueError naming the field (`mask.<field>`) if the config is impossible."""
+    if self.strategy != CURRICULUM and self.strategy not in STRATEGIES:
+      raise ValueError(f"mask.strategy: unknown strategy {self.strategy!r}; known: "
+                       f"{(CURRICULUM,) + STRATEGIES}")
+    probs = self.probs
+    if (len(probs) != len(STRATEGIES) or any(not 0.0 <= p <= 1.0 for p in probs)
+        or not math.isclose(sum(probs), 1.0, abs_tol=1e-6)):
+      raise ValueError(f"mask.probs={tuple(probs)} must be {len(STRATEGIES)} non-negative "
+                       f"numbers summing to 1, one per strategy {STRATEGIES}")
+    if not 0.0 < self.ratio < 1.0:
+      raise ValueError(f"mask.ratio={self.ratio} must be in (0, 1)")
+    if not 0 <= self.warmup_start <= self.warmup_end:
+      raise ValueError(f"mask.warmup_start={self.warmup_start} and mask.warmup_end="
+                       f"{self.warmup_end} must satisfy 0 <= start <= end")
+    if not 1 <= self.max_attempts <= 10_000:
+      raise ValueError(f"mask.max_attempts={self.max_attempts} must be in [1, 10000]")
+    low, high = self.block_scale
+    if not (len(self.block_scale) == 2 and 0.0 < low <= high <= 1.0):
+      raise ValueError(f"mask.block_scale={tuple(self.block_scale)} must be (low, high) "
+                       "with 0 < low <= high <= 1")
+    if self.stripe_max_time < 1:
+      raise ValueError(f"mask.stripe_max_time={self.stripe_max_time} must be >= 1")
+    n = num_targets(grid, self.ratio)
+    if n < 1 or n >= grid[0] * grid[1]:
+      raise ValueError(f"mask.ratio={self.ratio} leaves no context or no targets on a "
+                       f"{grid[0]}x{grid[1]} grid")
+    return self
 
 
 class Masks(NamedTuple):
@@ -55,47 +87,33 @@ class Masks(NamedTuple):
   strategy: jax.Array  # int32 scalar id into STRATEGIES
 
 
-def mask_params(mask_cfg) -> MaskParams:
-  """`MaskParams` from a `config.mask` ConfigDict (or a MaskParams, returned as is)."""
-  if isinstance(mask_cfg, MaskParams):
-    return mask_cfg
-  try:
-    params = MaskParams(
-        ratio=float(mask_cfg.ratio),
-        probs=tuple(float(p) for p in mask_cfg.probs),
-        warmup_start=int(mask_cfg.warmup_start),
-        warmup_end=int(mask_cfg.warmup_end),
-        strategy=str(mask_cfg.strategy),
-        max_attempts=int(mask_cfg.max_attempts),
-        block_scale=tuple(float(s) for s in mask_cfg.block_scale),
-        stripe_max_time=int(mask_cfg.stripe_max_time))
-  except AttributeError as e:
-    raise ValueError(f"mask config: missing field ({e})") from e
-  if params.strategy and params.strategy not in STRATEGIES:
-    raise ValueError(f"mask.strategy: unknown strategy {params.strategy!r}; "
-                     f"known: {STRATEGIES}")
-  if len(params.probs) != 3:
-    raise ValueError(f"mask.probs={params.probs} must have 3 entries "
-                     "[random, block, time_frequency]")
-  return params
-
-
 def num_targets(grid: tuple[int, int], ratio: float) -> int:
-  """Number of target tokens: floor(ratio * H * W)."""
+  """Number of target tokens: int(ratio * H * W), as the release's block and stripe masks.
+
+  The release's random masking keeps int(L * (1 - ratio)) tokens as context instead,
+  which float round-off makes one fewer (409 of 2048 at ratio 0.8, so 1639 targets).
+  A jitted step needs one static count for every strategy, so random masking here hides
+  int(ratio * L) = 1638 as well: one token fewer than the release.
+  """
   return int(math.floor(ratio * grid[0] * grid[1]))
 
 
-def strategy_probs(step, mask_cfg) -> jax.Array:
-  """float32 [4] probabilities over STRATEGIES at `step` (the curriculum)."""
-  p = mask_params(mask_cfg)
-  if p.strategy:
+def strategy_probs(step, mask_cfg: MaskConfig) -> jax.Array:
+  """float32 [len(STRATEGIES)] probabilities at `step` (the release's curriculum).
+
+  Before warmup_start only random masking; between start and end every other strategy's
+  probability ramps linearly from 0 to its target and random takes the rest; after the
+  end, `probs` exactly.
+  """
+  p = mask_cfg
+  if p.strategy != CURRICULUM:
     return jax.nn.one_hot(STRATEGIES.index(p.strategy), len(STRATEGIES), dtype=jnp.float32)
   step = jnp.asarray(step, jnp.float32)
   span = max(p.warmup_end - p.warmup_start, 1)
   frac = jnp.clip((step - p.warmup_start) / span, 0.0, 1.0)
-  p_block, p_tf = frac * p.probs[1], frac * p.probs[2]
-  ramp = jnp.stack([1.0 - p_block - p_tf, p_block, p_tf, jnp.zeros_like(frac)])
-  final = jnp.asarray(p.probs + (0.0,), jnp.float32)
+  others = frac * jnp.asarray(p.probs[1:], jnp.float32)
+  ramp = jnp.concatenate([(1.0 - others.sum())[None], others])
+  final = jnp.asarray(p.probs, jnp.float32)
   # After the ramp the configured probabilities exactly (no float round-off in `random`).
   return jnp.where(step >= p.warmup_end, final, ramp).astype(jnp.float32)
 
@@ -137,16 +155,20 @@ def _block_rectangle(rng, grid, block_scale, remaining):
   return _uniform_int(u[3], 0, height - h + 1), _uniform_int(u[4], 0, width - w + 1), h, w
 
 
-def _stripe_rectangle(rng, grid, stripe_max_time):
+def _stripe_rectangle(rng, grid, stripe_max_time, remaining):
   """One time-frequency attempt: (top, left, h, w) int32 scalars.
 
   With p = H / (H + W) a time stripe of U{1..stripe_max_time} consecutive time steps over
-  all frequencies; otherwise a frequency stripe one band wide over all time.
+  all frequencies, shrunk to max(1, remaining // W) steps when it would exceed the
+  `remaining` budget; otherwise a frequency stripe one band wide over all time (the
+  release shrinks it the same way, to max(1, remaining // H) = 1 band).
   """
   u = jax.random.uniform(rng, (4,))
   height, width = grid
   is_time = u[0] < height / (height + width)
-  length = jnp.minimum(_uniform_int(u[1], 1, stripe_max_time + 1), height)
+  length = _uniform_int(u[1], 1, stripe_max_time + 1)
+  length = jnp.where(length * width > remaining, jnp.maximum(1, remaining // width), length)
+  length = jnp.minimum(length, height)
   top = jnp.where(is_time, _uniform_int(u[2], 0, height - length + 1), 0)
   left = jnp.where(is_time, 0, _uniform_int(u[3], 0, width))
   h = jnp.where(is_time, length, height)
@@ -199,21 +221,19 @@ def _place_rectangles(rng, grid, budget, max_attempts, draw) -> jax.Array:
   return _top_up(k_fill, mask.reshape(-1), budget)
 
 
-def _random_mask(rng, grid, p: MaskParams) -> jax.Array:
+def _random_mask(rng, grid, p: MaskConfig) -> jax.Array:
   # A random permutation (sorting random keys) whose last floor(ratio * L) are targets.
   length = grid[0] * grid[1]
   return _top_up(rng, jnp.zeros(length, jnp.int32), num_targets(grid, p.ratio))
 
 
-def _block_mask(rng, grid, p: MaskParams) -> jax.Array:
+def _block_mask(rng, grid, p: MaskConfig) -> jax.Array:
   draw = lambda k, remaining: _block_rectangle(k, grid, p.block_scale, remaining)
   return _place_rectangles(rng, grid, num_targets(grid, p.ratio), p.max_attempts, draw)
 
 
-def _time_frequency_mask(rng, grid, p: MaskParams) -> jax.Array:
-  # Stripes have a fixed shape (not capped by the remaining budget); a stripe with too
-  # many new cells stops the loop like any rectangle.
-  draw = lambda k, remaining: _stripe_rectangle(k, grid, p.stripe_max_time)
+def _time_frequency_mask(rng, grid, p: MaskConfig) -> jax.Array:
+  draw = lambda k, remaining: _stripe_rectangle(k, grid, p.stripe_max_time, remaining)
   return _place_rectangles(rng, grid, num_targets(grid, p.ratio), p.max_attempts, draw)
 
 
@@ -230,7 +250,7 @@ def _multiblock_rectangle(rng, grid, scale, aspect):
   return _uniform_int(u[2], 0, height - h + 1), _uniform_int(u[3], 0, width - w + 1), h, w
 
 
-def _multiblock_mask(rng, grid, p: MaskParams) -> jax.Array:
+def _multiblock_mask(rng, grid, p: MaskConfig) -> jax.Array:
   """I-JEPA multiblock adapted to a non-square grid with static counts (ablation).
 
   Adaptations: (1) I-JEPA clamps its context block to a square, which on a 256 x 8 grid
@@ -264,11 +284,11 @@ _GENERATORS = {
 }
 
 
-def sample_target_mask(rng, strategy: str, grid, mask_cfg) -> jax.Array:
+def sample_target_mask(rng, strategy: str, grid, mask_cfg: MaskConfig) -> jax.Array:
   """bool [H*W] (index t*W + f) with exactly floor(ratio * L) targets; one sample."""
   if strategy not in _GENERATORS:
     raise ValueError(f"strategy: unknown strategy {strategy!r}; known: {STRATEGIES}")
-  return _GENERATORS[strategy](rng, tuple(grid), mask_params(mask_cfg))
+  return _GENERATORS[strategy](rng, tuple(grid), mask_cfg)
 
 
 def _to_indices(target: jax.Array, num_target: int) -> tuple[jax.Array, jax.Array]:
@@ -278,26 +298,28 @@ def _to_indices(target: jax.Array, num_target: int) -> tuple[jax.Array, jax.Arra
   return order[:, num_target:], order[:, :num_target]
 
 
-def sample_masks(rng, step, grid, batch_size: int, mask_cfg) -> Masks:
+def sample_masks(rng, step, grid, batch_size: int, mask_cfg: MaskConfig) -> Masks:
   """A batch of masks: one strategy per batch drawn from the curriculum at `step`.
 
-  Jittable with `rng` and `step` traced; `grid`, `batch_size` and `mask_cfg` are static
-  (pass a `MaskParams` where a hashable static argument is needed).
+  Jittable with `rng` and `step` traced; `grid`, `batch_size` and `mask_cfg` are static.
   """
-  p = mask_params(mask_cfg)
+  p = mask_cfg
   grid = tuple(grid)
   k_strategy, k_masks = jax.random.split(rng)
   keys = jax.random.split(k_masks, batch_size)
-  batched = [jax.vmap(functools.partial(sample_target_mask, strategy=name, grid=grid,
-                                       mask_cfg=p)) for name in STRATEGIES]
-  if p.strategy:
+  generate = lambda name: jax.vmap(functools.partial(sample_target_mask, strategy=name,
+                                                     grid=grid, mask_cfg=p))
+  if p.strategy != CURRICULUM:
     # Fixed strategy: compile only its generator.
     strategy = jnp.int32(STRATEGIES.index(p.strategy))
-    target = batched[STRATEGIES.index(p.strategy)](keys)
+    target = generate(p.strategy)(keys)
   else:
-    logits = jnp.log(strategy_probs(step, p))
-    strategy = jax.random.categorical(k_strategy, logits).astype(jnp.int32)
-    target = jax.lax.switch(strategy, batched, keys)
+    # Only strategies the curriculum can draw are compiled (random always can).
+    active = [i for i, prob in enumerate(p.probs) if prob > 0 or i == 0]
+    logits = jnp.log(strategy_probs(step, p)[np.asarray(active)])
+    choice = jax.random.categorical(k_strategy, logits)
+    strategy = jnp.asarray(active, jnp.int32)[choice]
+    target = jax.lax.switch(choice, [generate(STRATEGIES[i]) for i in active], keys)
   context, target_idx = _to_indices(target, num_targets(grid, p.ratio))
   return Masks(context=context, target=target_idx, strategy=strategy)
 

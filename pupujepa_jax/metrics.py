@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from pupujepa_jax.config import MASK_STRATEGIES
+from pupujepa_jax.masking import STRATEGIES as MASK_STRATEGIES
 
 
 

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 
-def layer_norm(x, eps: float = 1e-6):
+def layer_norm(x, eps: float = 1e-5):
   """LayerNorm over the last axis without affine parameters (F.layer_norm(x, x.shape[-1:]))."""
   mean = x.mean(-1, keepdims=True)
   var = jnp.square(x - mean).mean(-1, keepdims=True)

@@ -44,11 +44,16 @@ def decay_mask(params):
       lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
 
 
-def make_optimizer(cfg) -> optax.GradientTransformation:
+def make_optimizer(cfg, step=0) -> optax.GradientTransformation:
+  """AdamW with the learning rate and weight decay of `step` (the train state's step).
+
+  The schedules read the train state's step, not a counter of their own, so the step is
+  the run's one clock (an imported or resumed state cannot drift from its schedule).
+  The optimizer state (Adam moments and count) has the same structure for every step.
+  """
   o = cfg.optim
-  adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
-      learning_rate=learning_rate(cfg), b1=o.b1, b2=o.b2,
-      weight_decay=weight_decay(cfg), mask=decay_mask)
+  adamw = optax.adamw(learning_rate=learning_rate(cfg)(step), b1=o.b1, b2=o.b2,
+                      weight_decay=weight_decay(cfg)(step), mask=decay_mask)
   if o.grad_clip:
     return optax.chain(optax.clip_by_global_norm(o.grad_clip), adamw)
   return adamw

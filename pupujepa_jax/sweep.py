@@ -18,7 +18,6 @@ import re
 import shlex
 import statistics
 
-from pupujepa_jax import cli
 from pupujepa_jax import config as config_lib
 from pupujepa_jax import metrics as metrics_lib
 
@@ -34,20 +33,6 @@ class Run:
   config: object         # the validated ml_collections.ConfigDict
   workdir: str           # `<sweep_dir>/<name>`; a string so gs:// dirs keep their '//'
   train_args: list       # `pupujepa train` arguments (config spec, workdir, overrides)
-
-
-def format_value(value) -> str:
-  """A value as `--config.x=` text that `cli.parse_value` reads back to the same value."""
-  if isinstance(value, (tuple, list)):
-    return ",".join(format_value(v) for v in value)
-  if isinstance(value, float):
-    return repr(value)
-  return str(value)
-
-
-def override_args(overrides: dict) -> list[str]:
-  """`{"a.b": 1}` -> `["--config.a.b=1"]`."""
-  return [f"--config.{key}={format_value(value)}" for key, value in overrides.items()]
 
 
 def _load_module(path: str):
@@ -99,11 +84,10 @@ def expand(spec: str, sweep_dir, extra_overrides=(), only=None) -> list[Run]:
   sweep_dir = str(sweep_dir).rstrip("/")
   runs = []
   for entry in entries:
-    args = override_args(entry["overrides"]) + list(extra_overrides)
+    args = config_lib.override_args(entry["overrides"]) + list(extra_overrides)
     try:
       cfg = module.get_config(arg) if arg else module.get_config()
-      _reject_groups(cfg, entry["overrides"])
-      cli.apply_overrides(cfg, args)
+      config_lib.apply_overrides(cfg, args)
       config_lib.validate(cfg)
     except (config_lib.ConfigError, TypeError) as e:
       raise config_lib.ConfigError(f"{path}: run {entry['name']!r}: {e}") from e
@@ -111,18 +95,6 @@ def expand(spec: str, sweep_dir, extra_overrides=(), only=None) -> list[Run]:
     runs.append(Run(entry["name"], dict(entry["overrides"]), cfg, workdir,
                     ["--config", spec, "--workdir", workdir, *args]))
   return runs
-
-
-def _reject_groups(cfg, overrides: dict) -> None:
-  """An override must name one field, not a group (`model`) of fields."""
-  import ml_collections
-  for key in overrides:
-    node = cfg
-    for part in key.split("."):
-      node = node[part] if isinstance(node, ml_collections.ConfigDict) and part in node else None
-    if isinstance(node, ml_collections.ConfigDict):
-      raise config_lib.ConfigError(f"{key}: is a group of fields; override its fields "
-                                   f"({key}.<field>) one by one")
 
 
 def train_command(run: Run) -> str:
@@ -321,7 +293,7 @@ def collect_report(sweep_dir) -> str:
     rows.append({
         "run": name,
         "overrides": ("-" if overrides is None else
-                      " ".join(f"{k}={format_value(v)}" for k, v in overrides.items())
+                      " ".join(f"{k}={config_lib.format_value(v)}" for k, v in overrides.items())
                       or "(base)"),
         "status": status,
         "steps": f"{done}/{total if total is not None else '?'}",

@@ -1,17 +1,21 @@
 """The train state and the one jitted PupuJEPA update step.
 
-State is a plain dict pytree: `step`, `params` ({"encoder", "predictor"} of the student),
-`teacher` (EMA encoder params) and `opt_state`. Randomness (masks, drop-path) is derived
-from `fold_in(key(seed), step)`, so a resumed run draws exactly what an uninterrupted one
-would, and the state needs no RNG. One step:
+State is a plain dict pytree: `step`, `params` (the trained modules in the release's
+layout: `patch_embed`, `student`, `predictor`), `teacher` (EMA of the student's blocks
+and norm) and `opt_state`. Randomness (masks, drop-path) is derived from
+`fold_in(key(seed), step)`, so a resumed run draws exactly what an uninterrupted one
+would, and the state needs no RNG. One step, as the release's forward computes it:
 
-  masks  = sample_masks(step rng)                       (on device, static shapes)
-  target = LN(teacher(targets only | full grid -> gather))      (stop-gradient)
-  pred   = predictor(student(context), context idx, target idx)
-  loss   = latent_loss(pred, target); AdamW; teacher <- EMA(teacher, student encoder)
+  masks   = sample_masks(step rng)                         (on device, static shapes)
+  tokens  = patch_embed(spectrogram)                       (all patches, once)
+  target  = teacher(stop_gradient(tokens[targets]))        (targets only | full grid)
+  pred    = predictor(student(tokens[context]), context idx, target idx)
+  loss    = latent_loss(pred, target); AdamW; teacher <- EMA(teacher, student)
 
-`make_train_step` jits it over the mesh with explicit state/batch shardings and donates
-the state.
+The patch embedding learns only through the student branch (the teacher reads its
+output under stop-gradient) and is not EMA-averaged, unless `teacher_patch_embed="ema"`
+(an ablation) gives the teacher its own EMA copy. `make_train_step` jits the step over
+the mesh with explicit state/batch shardings and donates the state.
 """
 from __future__ import annotations
 
@@ -26,13 +30,14 @@ from pupujepa_jax import masking, models, objectives, optim, sharding
 
 
 def init_state(cfg, seed: int | None = None) -> dict:
-  """Fresh state; the teacher starts as an exact copy of the student encoder."""
+  """Fresh state; the teacher starts as an exact copy of the student."""
   seed = cfg.seed if seed is None else seed
-  params = models.init_params(cfg, jax.random.key(seed))
+  params = models.init_params(config_lib.architecture(cfg), config_lib.predictor_size(cfg),
+                              cfg.frontend.n_mels, jax.random.key(seed))
   return {
       "step": jnp.zeros((), jnp.int32),
       "params": params,
-      "teacher": jax.tree.map(jnp.copy, params["encoder"]),
+      "teacher": models.teacher_from_student(params, cfg.teacher_patch_embed == "ema"),
       "opt_state": optim.make_optimizer(cfg).init(params),
   }
 
@@ -46,41 +51,66 @@ def step_rngs(seed: int, step):
   return jax.random.split(jax.random.fold_in(jax.random.key(seed), step))
 
 
-def teacher_targets(cfg, teacher, spectrogram, target_index):
-  """Teacher features [B, Lt, D] of the target tokens (no gradient)."""
-  encoder = models.make_encoder(cfg)
+def gather_tokens(tokens, index):
+  """tokens [B, L, D] at grid indices [B, N] -> [B, N, D]."""
+  return jnp.take_along_axis(tokens, index[..., None], axis=1)
+
+
+def predict_and_target(cfg, params, teacher, spectrogram, masks: masking.Masks,
+                       dropout_rng=None):
+  """(predictions, teacher targets) [B, Lt, D] of one batch, as the release's forward.
+
+  Targets carry no gradient. With `dropout_rng=None` drop-path is off (evaluation).
+  """
+  arch, runtime = config_lib.architecture(cfg), config_lib.runtime(cfg)
+  grid = config_lib.grid_shape(cfg)
+  train = dropout_rng is not None
+  rngs = {"dropout": dropout_rng} if train else {}
+  patch_embed = models.make_patch_embed(arch, runtime)
+  tokens = patch_embed.apply({"params": params["patch_embed"]}, spectrogram)
+  if "patch_embed" in teacher:  # the EMA patch-embedding ablation
+    teacher_tokens = patch_embed.apply({"params": teacher["patch_embed"]}, spectrogram)
+  else:
+    teacher_tokens = tokens
+  teacher_tokens = jax.lax.stop_gradient(teacher_tokens)
+  teacher_body = {"params": {"blocks": teacher["blocks"], "norm": teacher["norm"]}}
+  encoder = models.make_encoder(arch, grid, runtime)
   if cfg.teacher_mode == "targets_only":
-    features = encoder.apply({"params": teacher}, spectrogram, target_index)
+    targets = encoder.apply(teacher_body, gather_tokens(teacher_tokens, masks.target),
+                            masks.target)
   else:  # full_grid (I-JEPA): encode everything, then gather the targets
-    full = encoder.apply({"params": teacher}, spectrogram)
-    features = jnp.take_along_axis(full, target_index[..., None], axis=1)
-  return jax.lax.stop_gradient(features)
+    targets = gather_tokens(encoder.apply(teacher_body, teacher_tokens), masks.target)
+  targets = jax.lax.stop_gradient(targets)
+  student = models.make_encoder(arch, grid, runtime, deterministic=not train)
+  context = student.apply({"params": params["student"]},
+                          gather_tokens(tokens, masks.context), masks.context, rngs=rngs)
+  predictor = models.make_predictor(arch, config_lib.predictor_size(cfg), grid, runtime,
+                                    deterministic=not train)
+  pred = predictor.apply({"params": params["predictor"]}, context, masks.context,
+                         masks.target, rngs=rngs)
+  return pred, targets
 
 
-def train_step(state: dict, batch: dict, *, cfg) -> tuple[dict, dict]:
+def pretrain_step(state: dict, batch: dict, *, cfg) -> tuple[dict, dict]:
   """One optimizer + EMA step on `batch["spectrogram"]` [B, T, F]. Pure."""
   spectrogram = batch["spectrogram"]
   step = state["step"]
   mask_rng, dropout_rng = step_rngs(cfg.seed, step)
   masks = masking.sample_masks(mask_rng, step, config_lib.grid_shape(cfg),
-                               spectrogram.shape[0], cfg.mask)
-  targets = teacher_targets(cfg, state["teacher"], spectrogram, masks.target)
-  encoder = models.make_encoder(cfg, deterministic=False)
-  predictor = models.make_predictor(cfg, deterministic=False)
+                               spectrogram.shape[0], config_lib.mask(cfg))
 
   def loss_fn(params):
-    context = encoder.apply({"params": params["encoder"]}, spectrogram, masks.context,
-                            rngs={"dropout": dropout_rng})
-    pred = predictor.apply({"params": params["predictor"]}, context, masks.context,
-                           masks.target, rngs={"dropout": dropout_rng})
-    return objectives.latent_loss(pred, targets, cfg.loss)
+    pred, targets = predict_and_target(cfg, params, state["teacher"], spectrogram, masks,
+                                       dropout_rng)
+    return objectives.latent_loss(pred, targets, cfg.loss), (pred, targets)
 
-  loss, grads = jax.value_and_grad(loss_fn)(state["params"])
-  optimizer = optim.make_optimizer(cfg)
+  (loss, (pred, targets)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+  optimizer = optim.make_optimizer(cfg, step)
   updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
   momentum = optim.ema_momentum(cfg)(step)
-  teacher = optim.ema_update(state["teacher"], params["encoder"], momentum)
+  teacher = optim.ema_update(state["teacher"], models.teacher_from_student(
+      params, "patch_embed" in state["teacher"]), momentum)
   metrics = {
       "loss": loss,
       "learning_rate": optim.learning_rate(cfg)(step),
@@ -100,9 +130,9 @@ def state_shardings(cfg, mesh):
 
 
 def make_train_step(cfg, mesh):
-  """`train_step` jitted over `mesh`: FSDP-sharded, donated state; batch split on all axes."""
+  """`pretrain_step` jitted over `mesh`: FSDP-sharded, donated state; batch split on all axes."""
   shardings = state_shardings(cfg, mesh)
-  return jax.jit(functools.partial(train_step, cfg=cfg),
+  return jax.jit(functools.partial(pretrain_step, cfg=cfg),
                  in_shardings=(shardings, {"spectrogram": sharding.batch_sharding(mesh)}),
                  out_shardings=(shardings, sharding.replicated(mesh)),
                  donate_argnums=0)
@@ -115,13 +145,16 @@ def create_sharded_state(cfg, mesh, seed: int | None = None) -> dict:
   return init()
 
 
+def batch_spec(cfg, batch_size: int) -> dict:
+  """Abstract batch of the step: {"spectrogram": [B, crop_frames, n_mels] float32}."""
+  return {"spectrogram": jax.ShapeDtypeStruct(
+      (batch_size, cfg.model.crop_frames, cfg.frontend.n_mels), jnp.float32)}
+
+
 def step_flops(cfg, batch_size: int) -> float:
   """FLOPs of one compiled train step, from XLA's cost analysis (CPU/GPU alike)."""
-  abstract = abstract_state(cfg)
-  spec = jax.ShapeDtypeStruct((batch_size, cfg.data.crop_frames, cfg.frontend.n_mels),
-                              jnp.float32)
-  lowered = jax.jit(functools.partial(train_step, cfg=cfg)).lower(abstract,
-                                                                  {"spectrogram": spec})
+  lowered = jax.jit(functools.partial(pretrain_step, cfg=cfg)).lower(
+      abstract_state(cfg), batch_spec(cfg, batch_size))
   cost = lowered.cost_analysis()
   if isinstance(cost, list):
     cost = cost[0]

@@ -1,106 +1,67 @@
 """Looking inside a trained model: attention maps over the log-mel spectrogram.
 
 The paper's case study: pick a layer and a query patch (time, frequency), take the
-teacher encoder's attention from that patch to every token (per head and averaged over
-heads) plus the attention rollout up to that layer, and draw them over the spectrogram.
-Given a training checkpoint, the predictor's attention from a masked (target) slot to the
+encoder's attention from that patch to every token (per head and averaged over heads)
+plus the attention rollout up to that layer, and draw them over the spectrogram. Given a
+training checkpoint, the predictor's attention from a masked (target) slot to the
 context tokens under a sampled mask is drawn the same way.
 
-Attention weights are recomputed outside the model files from the model's own modules:
-the encoder's per-layer inputs come from `return_layers=True` (layers[l] feeds block l),
-then `norm1` and `Attention` (which also returns its weights) run with block l's sliced parameters.
-Pictures use matplotlib's object API (no pyplot, no global backend state).
+The attention probabilities come from the model itself: every block sows them into the
+`intermediates` collection (`models.encode(..., capture_attention=True)`), so pictures
+follow any change of the model and work with every attention kernel. Pictures use
+matplotlib's object API (no pyplot, no global backend state).
 """
 from __future__ import annotations
 
 import functools
-import json
 import pathlib
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from pupujepa_jax import config as config_lib
 from pupujepa_jax import models
-from pupujepa_jax.models import rope, transformer
 
 
 # ----------------------------------------------------------------------------- compute
 
-def block_attention(spec: transformer.BlockSpec, blocks: dict, layer, x, grid, index=None):
-  """(weights [B, heads, N, N], attention branch output [B, N, D]) of block `layer`.
-
-  `blocks` are the scanned block params (leading depth axis); `x` [B, N, D] is the
-  block's input; `index` [B, N] the tokens' grid indices (None: the full grid).
-  """
-  p = jax.tree.map(lambda a: a[layer], blocks)
-  if index is None:
-    index = jnp.broadcast_to(jnp.arange(grid[0] * grid[1]), x.shape[:2])
-  sin = cos = None
-  if spec.pos_embed == "rope":
-    sin, cos = rope.gather_rope(rope.rope_table(tuple(grid), spec.head_dim,
-                                                spec.rope_max_res, spec.rope_linear_bands),
-                                index)
-  h = nn.LayerNorm(epsilon=transformer.LN_EPS, dtype=spec.dtype).apply(
-      {"params": p["norm1"]}, x)
-  update, weights = transformer.Attention(spec).apply({"params": p["attn"]}, h, sin, cos)
-  return weights, update
-
-
-def encoder_attention(cfg, params, spectrogram, layer: int):
-  """Teacher attention (weights [B, heads, N, N], branch output) at block `layer`."""
-  _, layers = models.make_encoder(cfg).apply({"params": params}, spectrogram,
-                                             return_layers=True)
-  return block_attention(models.encoder_spec(cfg), params["stack"]["blocks"], layer,
-                         layers[layer], _grid(cfg, spectrogram.shape))
-
-
-def _grid(cfg, shape) -> tuple[int, int]:
-  return (shape[-2] // cfg.model.patch_time, shape[-1] // cfg.model.patch_freq)
-
-
 @functools.lru_cache(maxsize=8)
-def _layer_rows_fn(cfg_json: str):
-  """Jitted (params, spectrogram [T, F], query) -> per block: the query's attention row
-  per head [depth, heads, N] and the head-mean matrix [depth, N, N]."""
-  cfg = ml_collections.ConfigDict(json.loads(cfg_json))
-  spec = models.encoder_spec(cfg)
+def _encoder_attention_fn(arch: models.Architecture, runtime: models.Runtime):
+  """Jitted (params, spectrogram [T, F], query) -> the query's attention row per block and
+  head [depth, heads, N] and the head-mean matrices [depth, N, N]."""
 
   def rows(params, spectrogram, query):
-    grid = _grid(cfg, spectrogram.shape)
-    _, layers = models.make_encoder(cfg).apply({"params": params}, spectrogram[None],
-                                               return_layers=True)
-
-    def one(layer):
-      weights, _ = block_attention(spec, params["stack"]["blocks"], layer, layers[layer],
-                                   grid)
-      return weights[0, :, query], weights[0].mean(axis=0)
-
-    return jax.lax.map(one, jnp.arange(spec.depth))
+    _, weights = models.encode(arch, params, spectrogram[None], runtime,
+                               capture_attention=True)
+    weights = weights[:, 0]  # [depth, heads, N, N]
+    return weights[:, :, query], weights.mean(axis=1)
 
   return jax.jit(rows)
 
 
-def attention_maps(cfg, params, spectrogram, layer: int, query: tuple[int, int]) -> dict:
+def encoder_attention(arch: models.Architecture, params, spectrogram,
+                      runtime: models.Runtime = models.Runtime()):
+  """Every block's attention [depth, B, heads, N, N] for spectrograms [B, T, F]."""
+  return models.encode(arch, params, spectrogram, runtime, capture_attention=True)[1]
+
+
+def attention_maps(arch: models.Architecture, params, spectrogram, layer: int,
+                   query: tuple[int, int], runtime: models.Runtime = models.Runtime()) -> dict:
   """Maps of the query patch's attention on the token grid, for one spectrogram [T, F].
 
   Returns {"heads": [heads, Ht, W], "mean": [Ht, W], "rollout": [Ht, W]} where rollout
   multiplies the head-averaged attention (plus identity for the residual, renormalised)
   of blocks 0..layer, read from the query's row.
   """
-  grid = _grid(cfg, np.shape(spectrogram))
-  depth = cfg.model.depth
-  if not 0 <= layer < depth:
-    raise ValueError(f"layer {layer} out of range: the encoder has blocks 0..{depth - 1}")
+  grid = arch.grid(np.shape(spectrogram)[-1])
+  if not 0 <= layer < arch.depth:
+    raise ValueError(f"layer {layer} out of range: the encoder has blocks 0..{arch.depth - 1}")
   t, f = query
   if not (0 <= t < grid[0] and 0 <= f < grid[1]):
     raise ValueError(f"query {query} outside the {grid[0]}x{grid[1]} token grid")
   q = t * grid[1] + f
-  rows, means = jax.device_get(_layer_rows_fn(cfg.to_json())(params, jnp.asarray(spectrogram),
-                                                             q))
+  rows, means = jax.device_get(_encoder_attention_fn(arch, runtime)(
+      params, jnp.asarray(spectrogram), q))
   n = grid[0] * grid[1]
   roll = np.eye(n, dtype=np.float64)[q]
   for l in range(layer, -1, -1):
@@ -109,38 +70,24 @@ def attention_maps(cfg, params, spectrogram, layer: int, query: tuple[int, int])
           "rollout": roll.reshape(grid)}
 
 
-def predictor_attention(cfg, params, spectrogram, context_index, target_index, layer: int):
-  """Predictor attention weights [B, heads, Lc+Lt, Lc+Lt] at block `layer`.
+def predictor_attention(cfg, params, spectrogram, masks):
+  """Every predictor block's attention [depth, B, heads, Lc+Lt, Lc+Lt] under `masks`.
 
-  `params` = {"encoder": student, "predictor": ...}: the student encodes the context,
-  the predictor's blocks 0..layer-1 run with the model's own `Block` on [context ; mask
-  tokens], then block `layer`'s attention is recomputed.
+  `params` = the trained {"patch_embed", "student", "predictor"}: the student encodes
+  the context tokens and the predictor sows its attention over [context ; mask tokens].
   """
-  spec = models.predictor_spec(cfg)
-  grid = config_lib.grid_shape(cfg)
-  if not 0 <= layer < spec.depth:
-    raise ValueError(f"layer {layer} out of range: the predictor has blocks "
-                     f"0..{spec.depth - 1}")
-  pp = params["predictor"]
-  context = models.make_encoder(cfg).apply({"params": params["encoder"]}, spectrogram,
-                                           context_index)
-  x = nn.Dense(spec.width, dtype=spec.dtype).apply({"params": pp["embed"]}, context)
-  b, n_targets = target_index.shape
-  masks = jnp.broadcast_to(pp["mask_token"].astype(x.dtype), (b, n_targets, spec.width))
-  x = jnp.concatenate([x, masks], axis=1)
-  index = jnp.concatenate([context_index, target_index], axis=1)
-  if spec.pos_embed == "sincos":
-    x = x + jnp.asarray(rope.sincos_table(grid, spec.width), spec.dtype)[index]
-  sin = cos = None
-  if spec.pos_embed == "rope":
-    sin, cos = rope.gather_rope(rope.rope_table(grid, spec.head_dim, spec.rope_max_res,
-                                                spec.rope_linear_bands), index)
-  blocks = pp["stack"]["blocks"]
-  for l in range(layer):
-    p = jax.tree.map(lambda a: a[l], blocks)  # noqa: B023 (used immediately)
-    x, _ = transformer.Block(spec).apply({"params": p}, x, sin, cos, 0.0)
-  weights, _ = block_attention(spec, blocks, layer, x, grid, index)
-  return weights, x
+  from pupujepa_jax import config as config_lib, train_step
+  arch, runtime, grid = (config_lib.architecture(cfg), config_lib.runtime(cfg),
+                         config_lib.grid_shape(cfg))
+  tokens = models.make_patch_embed(arch, runtime).apply({"params": params["patch_embed"]},
+                                                        spectrogram)
+  context = models.make_encoder(arch, grid, runtime).apply(
+      {"params": params["student"]}, train_step.gather_tokens(tokens, masks.context),
+      masks.context)
+  predictor = models.make_predictor(arch, config_lib.predictor_size(cfg), grid, runtime)
+  _, state = predictor.apply({"params": params["predictor"]}, context, masks.context,
+                             masks.target, mutable=["intermediates"])
+  return models.sown_attention(state)
 
 
 # ----------------------------------------------------------------------------- drawing
@@ -216,12 +163,13 @@ def encoder_attention_png(model, wave, sample_rate: int, out, layer: int = -1,
   start = int(round(start_seconds * model.sample_rate))
   window = model.windows(mono[start:] if start < mono.shape[0] else mono)[0]
   spectrogram = np.asarray(model.spectrogram(window))
-  depth = model.cfg.model.depth
+  depth = model.architecture.depth
   layer = layer % depth if -depth <= layer < depth else layer
   grid = model.grid
   query = (grid[0] // 2, grid[1] // 2) if query is None else tuple(query)
-  maps = attention_maps(model.cfg, model.params, spectrogram, layer, query)
-  patch = (model.cfg.model.patch_time, model.cfg.model.patch_freq)
+  maps = attention_maps(model.architecture, model.params, spectrogram, layer, query,
+                        model.runtime)
+  patch = (model.architecture.patch_time, model.architecture.patch_freq)
   fig = attention_figure(spectrogram, maps, query, patch, model.frontend.frames_per_second,
                          title=f"{model.model_id}, encoder block {layer}:")
   _save(fig, out)
@@ -234,19 +182,22 @@ def predictor_attention_png(workdir, wave, sample_rate: int, out, layer: int = -
                             seed: int = 0) -> dict:
   """Draw the predictor's attention from a target slot to the tokens under a random mask."""
   from data_pipelines import audio
-  from pupujepa_jax import export, frontend, masking
-  cfg, _, step, state = export.restore_state(workdir, step)
-  fcfg = config_lib.frontend_from_config(cfg)
+  from pupujepa_jax import config as config_lib, frontend, masking
+  from pupujepa_jax import workdir as workdir_lib
+  cfg, _, step, state = workdir_lib.restore(workdir, step)
+  fcfg = config_lib.frontend(cfg)
   mono = audio.prepare_waveform(np.asarray(wave), int(sample_rate), fcfg.sample_rate)
-  window = np.resize(mono, fcfg.samples_for_frames(cfg.data.crop_frames))
+  window = np.resize(mono, fcfg.samples_for_frames(cfg.model.crop_frames))
   spectrogram = np.asarray(frontend.log_mel_jnp(window, fcfg))
   grid = config_lib.grid_shape(cfg)
   masks = jax.jit(masking.sample_masks, static_argnums=(2, 3, 4))(
-      jax.random.key(seed), step, grid, 1, masking.mask_params(cfg.mask))
+      jax.random.key(seed), step, grid, 1, config_lib.mask(cfg))
   depth = cfg.predictor.depth
-  layer = layer % depth if -depth <= layer < depth else layer
-  attention = jax.jit(functools.partial(predictor_attention, cfg, layer=layer))
-  weights, _ = attention(state["params"], spectrogram[None], masks.context, masks.target)
+  if not -depth <= layer < depth:
+    raise ValueError(f"layer {layer} out of range: the predictor has blocks 0..{depth - 1}")
+  layer = layer % depth
+  weights = jax.jit(functools.partial(predictor_attention, cfg))(
+      state["params"], spectrogram[None], masks)[layer]
   context, target = np.asarray(masks.context[0]), np.asarray(masks.target[0])
   want = (grid[0] // 2, grid[1] // 2) if query is None else tuple(query)
   # The query is the target slot closest to the requested patch.

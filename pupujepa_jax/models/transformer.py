@@ -1,14 +1,27 @@
-"""The PupuJEPA networks in Flax Linen: EVA-style blocks, the encoder and the predictor.
+"""The PupuJEPA networks in Flax Linen, laid out as the release builds them.
 
-Parameter layout mirrors timm's EVA so released PyTorch weights map one to one
-(`pupujepa_jax.models.torch_import`): a fused bias-free `qkv` kernel with separate `q_bias`
-and `v_bias` (EVA's k bias is a constant zero), optional per-head LayerNorm `q_norm` /
-`k_norm`, `proj`, an MLP whose SwiGLU `fc1` packs [gate | value] (timm GluMlp), optional
-layer-scale `gamma_1` / `gamma_2`. Blocks are stacked with `nn.scan` (leading `depth` axis
-on every block parameter): one compiled block body keeps compile times short at any depth.
+The release (`model/pupujepa.py` on timm 1.0.28) has four parts, and so do we:
+- `PatchEmbed` (`patch_embed`): a strided conv with kernel = stride = patch (4 time x 16
+  mel) and a LayerNorm over the tokens; tokens are time-major (`index = t * W + f`). One
+  patch embedding feeds both encoders: the student sees the context tokens, the teacher
+  the target tokens under stop-gradient, so it learns only through the student branch.
+- `Encoder` (`student`, and the EMA `teacher`): pre-norm timm `EvaBlock`s with
+  `AttentionRope` (one fused `qkv` Linear with a full q/k/v bias, 2-D RoPE on q and k
+  after the bias, `proj`), a SwiGLU MLP (`fc1` packs [gate | value], hidden 4·D per
+  branch), then a final LayerNorm. LayerNorm eps is 1e-5 everywhere (torch's default).
+- `Predictor`: `proj_in` (identity when the widths agree), one learned mask token per
+  target, blocks of the same flavour over [context ; mask tokens] with the predictor's
+  own rotary table, a LayerNorm, the target slots, `proj_out` back to the encoder width.
 
-Tokens are always addressed by their time-major grid index (`t * W + f`), so the same
-module encodes a full grid, the visible context or only the target patches.
+Options the released configs do not use stay selectable for ablations: QK-norm
+(`qk_norm`), the EVA attention bias without a key bias (`k_bias=False`), a GELU MLP
+(`swiglu=False`), layer-scale, drop-path and 2-D sin-cos absolute positions.
+
+Blocks are stacked with `nn.scan` (a leading `depth` axis on every block parameter), so
+one compiled block body serves any depth. Encoders take tokens plus their grid indices,
+so the same module encodes a full grid, the visible context or only the targets. With
+the `intermediates` collection mutable, every block sows its attention probabilities
+(`attention`, [B, heads, N, N]) for pictures, whatever attention kernel runs the model.
 """
 from __future__ import annotations
 
@@ -20,32 +33,74 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pupujepa_jax.models import attention as attention_lib
 from pupujepa_jax.models import rope
 
-LN_EPS = 1e-6
+LN_EPS = 1e-5  # torch.nn.LayerNorm's default, used by every norm of the release
 dense_init = nn.initializers.xavier_uniform()
+# Rematerialisation of each block in the backward pass (config field `remat`):
+# "none" keeps every activation; "dots" keeps the matmul outputs and recomputes the cheap
+# elementwise work (norms, activations, rotary, softmax); "full" keeps only block inputs.
+REMAT_POLICIES = {
+    "none": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockSpec:
-  """Hyper-parameters shared by every block of one stack."""
+  """Hyper-parameters shared by every block of one stack (static under jit)."""
   width: int
   depth: int
   num_heads: int
   mlp_ratio: float = 4.0
-  swiglu: bool = False
+  swiglu: bool = True
   qk_norm: bool = False
+  k_bias: bool = True
   layer_scale: float = 0.0
   drop_path: float = 0.0
   pos_embed: str = "rope"
   rope_max_res: float = 224.0
-  rope_linear_bands: bool = True
+  rope_linear_bands: bool = False
   dtype: Any = jnp.float32
-  remat: bool = False
+  remat: str = "none"
+  attention: str = "auto"
 
   @property
   def head_dim(self) -> int:
     return self.width // self.num_heads
+
+  @property
+  def mlp_hidden(self) -> int:
+    """Hidden units of the MLP (per SwiGLU branch)."""
+    return int(self.width * self.mlp_ratio)
+
+
+def layer_norm(name: str, dtype) -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=LN_EPS, dtype=dtype, name=name)
+
+
+class FusedQKV(nn.Module):
+  """timm's fused `qkv` Linear: kernel [D, 3D] and bias [3D] = [q | k | v].
+
+  With `k_bias=False` (EVA's layout, an ablation) the key third of the bias is held at
+  zero: it is multiplied by a constant mask, so it receives no gradient and never moves.
+  The parameter layout is the same either way.
+  """
+  width: int
+  k_bias: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", dense_init, (x.shape[-1], 3 * self.width))
+    bias = self.param("bias", nn.initializers.zeros, (3 * self.width,))
+    if not self.k_bias:
+      keep = np.ones(3 * self.width, np.float32)
+      keep[self.width:2 * self.width] = 0.0
+      bias = bias * keep
+    return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
 
 
 class Attention(nn.Module):
@@ -55,26 +110,18 @@ class Attention(nn.Module):
   def __call__(self, x, sin, cos):
     s = self.spec
     b, n, _ = x.shape
-    qkv = nn.Dense(3 * s.width, use_bias=False, kernel_init=dense_init, dtype=s.dtype,
-                   name="qkv")(x)
-    q_bias = self.param("q_bias", nn.initializers.zeros, (s.width,))
-    v_bias = self.param("v_bias", nn.initializers.zeros, (s.width,))
-    bias = jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(qkv.dtype)
-    q, k, v = jnp.split((qkv + bias).reshape(b, n, 3, s.num_heads, s.head_dim), 3, axis=2)
-    q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]  # [B, N, heads, head_dim]
+    qkv = FusedQKV(s.width, s.k_bias, s.dtype, name="qkv")(x)
+    q, k, v = jnp.moveaxis(qkv.reshape(b, n, 3, s.num_heads, s.head_dim), 2, 0)
     if s.qk_norm:
-      q = nn.LayerNorm(epsilon=LN_EPS, dtype=s.dtype, name="q_norm")(q)
-      k = nn.LayerNorm(epsilon=LN_EPS, dtype=s.dtype, name="k_norm")(k)
+      q = layer_norm("q_norm", s.dtype)(q)
+      k = layer_norm("k_norm", s.dtype)(k)
     if sin is not None:
       q, k = rope.apply_rope(q, sin, cos), rope.apply_rope(k, sin, cos)
-    # Plain einsum attention with a float32 softmax: on CPU it ran 1.6x (forward) and
-    # 1.25x (forward+backward) faster than jax.nn.dot_product_attention's XLA path.
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / np.sqrt(s.head_dim)
-    weights = jax.nn.softmax(logits, axis=-1)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
-    out = nn.Dense(s.width, kernel_init=dense_init, dtype=s.dtype, name="proj")(
+    if self.is_mutable_collection("intermediates"):
+      self.sow("intermediates", "attention", attention_lib.attention_weights(q, k))
+    out = attention_lib.dot_product_attention(q, k, v, s.attention)
+    return nn.Dense(s.width, kernel_init=dense_init, dtype=s.dtype, name="proj")(
         out.reshape(b, n, s.width))
-    return out, weights  # weights [B, heads, N, N] serve the attention pictures
 
 
 class Mlp(nn.Module):
@@ -83,19 +130,18 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x):
     s = self.spec
-    hidden = int(s.width * s.mlp_ratio)
     if s.swiglu:
-      gate, value = jnp.split(
-          nn.Dense(2 * hidden, kernel_init=dense_init, dtype=s.dtype, name="fc1")(x), 2, -1)
+      gate, value = jnp.split(nn.Dense(2 * s.mlp_hidden, kernel_init=dense_init,
+                                       dtype=s.dtype, name="fc1")(x), 2, axis=-1)
       h = nn.silu(gate) * value
     else:
-      h = nn.gelu(nn.Dense(hidden, kernel_init=dense_init, dtype=s.dtype, name="fc1")(x),
-                  approximate=False)
+      h = nn.gelu(nn.Dense(s.mlp_hidden, kernel_init=dense_init, dtype=s.dtype,
+                           name="fc1")(x), approximate=False)
     return nn.Dense(s.width, kernel_init=dense_init, dtype=s.dtype, name="fc2")(h)
 
 
 class Block(nn.Module):
-  """Pre-norm EVA block; called under nn.scan with carry x and a per-layer drop rate."""
+  """Pre-norm EVA block; scanned with carry x and a per-layer drop-path rate."""
   spec: BlockSpec
   deterministic: bool = True
 
@@ -113,40 +159,41 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x, sin, cos, rate):
     s = self.spec
-    attn, _ = Attention(s, name="attn")(nn.LayerNorm(epsilon=LN_EPS, dtype=s.dtype,
-                                                     name="norm1")(x), sin, cos)
-    x = self._residual(x, attn, "gamma_1", rate)
-    mlp = Mlp(s, name="mlp")(nn.LayerNorm(epsilon=LN_EPS, dtype=s.dtype, name="norm2")(x))
-    x = self._residual(x, mlp, "gamma_2", rate)
+    x = self._residual(x, Attention(s, name="attn")(layer_norm("norm1", s.dtype)(x), sin, cos),
+                       "gamma_1", rate)
+    x = self._residual(x, Mlp(s, name="mlp")(layer_norm("norm2", s.dtype)(x)), "gamma_2", rate)
     return x, x
 
 
-class BlockStack(nn.Module):
-  """`depth` blocks scanned over a stacked parameter axis; returns final and per-layer x."""
-  spec: BlockSpec
-  deterministic: bool = True
+def run_blocks(spec: BlockSpec, deterministic: bool, x, sin, cos):
+  """Scan `spec.depth` blocks named `blocks` (call inside a compact method).
 
-  @nn.compact
-  def __call__(self, x, sin, cos):
-    s = self.spec
-    block = Block
-    if s.remat:
-      block = nn.remat(block, prevent_cse=False)
-    scanned = nn.scan(block, variable_axes={"params": 0},
-                      split_rngs={"params": True, "dropout": True},
-                      in_axes=(nn.broadcast, nn.broadcast, 0), length=s.depth)
-    rates = jnp.linspace(0.0, s.drop_path, s.depth) if s.depth > 1 else jnp.zeros((1,))
-    x, layers = scanned(s, self.deterministic, name="blocks")(x, sin, cos, rates)
-    return x, layers  # layers: [depth, B, N, width]
+  Returns the final tokens and every block's output [depth, B, N, width].
+  """
+  block = Block
+  if spec.remat != "none":
+    block = nn.remat(block, prevent_cse=False, policy=REMAT_POLICIES[spec.remat])
+  scanned = nn.scan(block, variable_axes={"params": 0, "intermediates": 0},
+                    split_rngs={"params": True, "dropout": True},
+                    in_axes=(nn.broadcast, nn.broadcast, 0), length=spec.depth)
+  rates = np.linspace(0.0, spec.drop_path, spec.depth, dtype=np.float32)
+  return scanned(spec, deterministic, name="blocks")(x, sin, cos, jnp.asarray(rates))
 
 
-def _positions(spec: BlockSpec, grid, index):
-  """(sin, cos) for rotary stacks, or (None, None) when positions are absolute."""
+def positions(spec: BlockSpec, grid, index):
+  """(sin, cos) [B, N, head_dim] for rotary stacks, or (None, None) for sin-cos ones."""
   if spec.pos_embed != "rope":
     return None, None
   table = rope.rope_table(tuple(grid), spec.head_dim, spec.rope_max_res,
                           spec.rope_linear_bands)
   return rope.gather_rope(table, index)
+
+
+def add_absolute_positions(spec: BlockSpec, grid, x, index):
+  """The sin-cos ablation adds absolute 2-D positions to the tokens; RoPE adds nothing."""
+  if spec.pos_embed != "sincos":
+    return x
+  return x + jnp.asarray(rope.sincos_table(tuple(grid), spec.width), x.dtype)[index]
 
 
 def patch_kernel_init(key, shape, dtype=jnp.float32):
@@ -155,41 +202,51 @@ def patch_kernel_init(key, shape, dtype=jnp.float32):
   return flat.reshape(shape)
 
 
-class Encoder(nn.Module):
-  """Patch embedding + LayerNorm, rotary (or sin-cos) positions, blocks, final LayerNorm.
-
-  `__call__(spec, index)` encodes the tokens at grid indices `index` [B, N] of the
-  spectrogram batch `spec` [B, T, F]; index=None encodes the full grid.
-  """
-  spec: BlockSpec
+class PatchEmbed(nn.Module):
+  """Spectrogram [B, T, F] -> LayerNormed patch tokens [B, (T/pt) * (F/pf), width]."""
+  width: int
   patch: tuple[int, int] = (4, 16)
-  deterministic: bool = True
-
-  def grid(self, spectrogram_shape) -> tuple[int, int]:
-    return (spectrogram_shape[-2] // self.patch[0], spectrogram_shape[-1] // self.patch[1])
+  dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, spectrogram, index=None, return_layers: bool = False):
+  def __call__(self, spectrogram):
+    grid = (spectrogram.shape[-2] // self.patch[0], spectrogram.shape[-1] // self.patch[1])
+    x = nn.Conv(self.width, self.patch, strides=self.patch, padding="VALID",
+                kernel_init=patch_kernel_init, dtype=self.dtype, name="proj")(
+                    spectrogram[..., None].astype(self.dtype))
+    x = x.reshape(x.shape[0], grid[0] * grid[1], self.width)  # time-major tokens
+    return layer_norm("norm", self.dtype)(x)
+
+
+def full_index(grid, batch: int):
+  """[B, H*W] indices of the whole grid."""
+  return jnp.broadcast_to(jnp.arange(grid[0] * grid[1], dtype=jnp.int32),
+                          (batch, grid[0] * grid[1]))
+
+
+class Encoder(nn.Module):
+  """Blocks + final LayerNorm over patch tokens at grid positions (student or teacher).
+
+  `__call__(tokens [B, N, D], index [B, N] or None)` returns the final normed tokens, or
+  with `return_layers` also the stack `[L + 1, B, N, D]` of the block input (the patch
+  tokens, plus sin-cos positions in that ablation) and each block's output.
+  """
+  spec: BlockSpec
+  grid: tuple[int, int]
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, tokens, index=None, return_layers: bool = False):
     s = self.spec
-    grid = self.grid(spectrogram.shape)
-    x = nn.Conv(s.width, self.patch, strides=self.patch, padding="VALID",
-                kernel_init=patch_kernel_init, dtype=s.dtype, name="patch_embed")(
-                    spectrogram[..., None].astype(s.dtype))
-    x = x.reshape(x.shape[0], grid[0] * grid[1], s.width)  # time-major tokens
-    x = nn.LayerNorm(epsilon=LN_EPS, dtype=s.dtype, name="patch_norm")(x)
     if index is None:
-      index = jnp.broadcast_to(jnp.arange(grid[0] * grid[1]), x.shape[:2])
-    else:
-      x = jnp.take_along_axis(x, index[..., None], axis=1)
-    if s.pos_embed == "sincos":
-      x = x + jnp.asarray(rope.sincos_table(grid, s.width), s.dtype)[index]
-    patch_tokens = x
-    sin, cos = _positions(s, grid, index)
-    x, layers = BlockStack(s, self.deterministic, name="stack")(x, sin, cos)
-    x = nn.LayerNorm(epsilon=LN_EPS, dtype=s.dtype, name="norm")(x)
+      index = full_index(self.grid, tokens.shape[0])
+    x = add_absolute_positions(s, self.grid, tokens.astype(s.dtype), index)
+    sin, cos = positions(s, self.grid, index)
+    out, layers = run_blocks(s, self.deterministic, x, sin, cos)
+    out = layer_norm("norm", s.dtype)(out)
     if return_layers:
-      return x, jnp.concatenate([patch_tokens[None], layers], axis=0)
-    return x
+      return out, jnp.concatenate([x[None], layers], axis=0)
+    return out
 
 
 class Predictor(nn.Module):
@@ -202,15 +259,16 @@ class Predictor(nn.Module):
   @nn.compact
   def __call__(self, context, context_index, target_index):
     s = self.spec
-    x = nn.Dense(s.width, kernel_init=dense_init, dtype=s.dtype, name="embed")(context)
+    x = context.astype(s.dtype)
+    if s.width != self.out_width:  # the release's proj_in is nn.Identity otherwise
+      x = nn.Dense(s.width, kernel_init=dense_init, dtype=s.dtype, name="proj_in")(x)
     mask_token = self.param("mask_token", nn.initializers.normal(0.02), (1, 1, s.width))
     b, n_targets = target_index.shape
     masks = jnp.broadcast_to(mask_token.astype(x.dtype), (b, n_targets, s.width))
     x = jnp.concatenate([x, masks], axis=1)
     index = jnp.concatenate([context_index, target_index], axis=1)
-    if s.pos_embed == "sincos":
-      x = x + jnp.asarray(rope.sincos_table(self.grid, s.width), s.dtype)[index]
-    sin, cos = _positions(s, self.grid, index)
-    x, _ = BlockStack(s, self.deterministic, name="stack")(x, sin, cos)
-    x = nn.LayerNorm(epsilon=LN_EPS, dtype=s.dtype, name="norm")(x[:, -n_targets:])
-    return nn.Dense(self.out_width, kernel_init=dense_init, dtype=s.dtype, name="proj")(x)
+    x = add_absolute_positions(s, self.grid, x, index)
+    sin, cos = positions(s, self.grid, index)
+    x, _ = run_blocks(s, self.deterministic, x, sin, cos)
+    x = layer_norm("norm", s.dtype)(x[:, -n_targets:])  # per token: slicing first is exact
+    return nn.Dense(self.out_width, kernel_init=dense_init, dtype=s.dtype, name="proj_out")(x)

@@ -1,0 +1,129 @@
+"""Run directories: their files, the guard against mixing runs, and restoring their state.
+
+A workdir holds `config.json` (the run's config), `run_info.json` (git revision, package
+versions, devices), `metrics.jsonl`, `tb/` and `checkpoints/` (orbax). The trainer
+checks a new config against the stored one before anything is written
+(`check_config`), and writes the config and run info only once the state has been
+restored or initialised (`write_run_files`), so a refused or failed start leaves the
+workdir as it was. Export, the release exporter and pictures read a workdir through
+`read_config` and `restore`.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+from importlib import metadata
+
+import jax
+
+from pupujepa_jax import checkpointing
+from pupujepa_jax import config as config_lib
+
+CONFIG_FILE = "config.json"
+RUN_INFO_FILE = "run_info.json"
+METRICS_FILE = "metrics.jsonl"
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy",
+            "ml-collections", "tensorflow-datasets")
+
+
+class WorkdirError(RuntimeError):
+  """A workdir is missing, unreadable or holds another run; the message says which."""
+
+
+class ConfigMismatchError(WorkdirError):
+  """A workdir holds a run of a different config."""
+
+
+def _git_revision() -> str:
+  try:
+    here = pathlib.Path(__file__).resolve().parent
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                          text=True, timeout=10, check=True).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    return "unknown"
+
+
+def run_info(**extra) -> dict:
+  versions = {}
+  for name in PACKAGES:
+    try:
+      versions[name] = metadata.version(name)
+    except metadata.PackageNotFoundError:
+      versions[name] = None
+  return {"git_revision": _git_revision(), "packages": versions,
+          "process_count": jax.process_count(), "device_count": jax.device_count(),
+          "backend": jax.default_backend(), **extra}
+
+
+def read_config(workdir):
+  """(config, its JSON text) of a workdir; WorkdirError naming the file if unusable."""
+  file = pathlib.Path(workdir) / CONFIG_FILE
+  if not file.is_file():
+    raise WorkdirError(f"{file}: missing (not a training workdir)")
+  text = file.read_text()
+  try:
+    cfg = config_lib.from_dict(json.loads(text))
+    config_lib.validate(cfg)
+  except json.JSONDecodeError as e:
+    raise WorkdirError(f"{file}: not valid JSON ({e})") from e
+  except (config_lib.ConfigError, TypeError, AttributeError) as e:
+    raise WorkdirError(f"{file}: {e}") from e
+  return cfg, text
+
+
+def holds_run(workdir) -> bool:
+  """True when the workdir has a config and a checkpoint folder (a run to resume)."""
+  workdir = pathlib.Path(workdir)
+  return (workdir / CONFIG_FILE).is_file() and checkpointing.checkpoint_dir(workdir).exists()
+
+
+def check_config(cfg, workdir, allow_change: bool = False) -> dict:
+  """Refuse a config that differs from the workdir's run (unless `allow_change`).
+
+  Writes nothing. Returns the differences {field: (old, new)} (empty for a new workdir).
+  """
+  if not holds_run(workdir):
+    return {}
+  old, _ = read_config(workdir)
+  diff = config_lib.differences(config_lib.to_dict(old), config_lib.to_dict(cfg))
+  if diff and not allow_change:
+    details = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(diff.items())[:10])
+    raise ConfigMismatchError(
+        f"{workdir} holds a run with a different config ({details}). Use a new workdir, "
+        "or pass --allow_config_change to resume it with the new values.")
+  return diff
+
+
+def write_run_files(cfg, workdir, **info) -> None:
+  """Write config.json and run_info.json (process 0), creating the workdir if needed."""
+  if jax.process_index() != 0:
+    return
+  workdir = pathlib.Path(workdir)
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    _write_atomic(workdir / CONFIG_FILE, json.dumps(config_lib.to_dict(cfg), indent=2,
+                                                    sort_keys=True))
+    _write_atomic(workdir / RUN_INFO_FILE, json.dumps(run_info(**info), indent=2))
+  except OSError as e:
+    raise WorkdirError(f"cannot write to workdir {workdir}: {e.strerror or e}") from e
+
+
+def _write_atomic(path: pathlib.Path, text: str) -> None:
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(text)
+  tmp.replace(path)
+
+
+def restore(workdir, step: int | None = None):
+  """(config, config JSON, step, full train state) of a workdir checkpoint, on one device."""
+  from pupujepa_jax import sharding, train_step
+  cfg, text = read_config(workdir)
+  mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
+  manager = checkpointing.make_manager(workdir, read_only=True, async_save=False)
+  try:
+    step, state = checkpointing.restore(manager, train_step.abstract_state(cfg),
+                                        train_step.state_shardings(cfg, mesh), step)
+  finally:
+    manager.close()
+  return cfg, text, step, state
