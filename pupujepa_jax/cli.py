@@ -314,6 +314,18 @@ def _add_inference_commands(sub) -> None:
   p.add_argument("--no_progress", action="store_true")
   p.set_defaults(func=cmd_embed)
 
+  p = sub.add_parser("probe", help="MARBLE-protocol probe on exported features")
+  p.add_argument("--features", required=True)
+  p.add_argument("--labels", required=True)
+  p.add_argument("--task", required=True,
+                 choices=["multiclass", "multilabel", "regression", "key"])
+  p.add_argument("--probe", default="mlp", choices=["mlp", "linear"])
+  p.add_argument("--layer", default="all")
+  p.add_argument("--lr", default="1e-3", help="a rate or a comma-separated grid")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--out", default=None)
+  p.set_defaults(func=cmd_probe)
+
   p = sub.add_parser("attention", help="attention maps over the log-mel spectrogram (PNG)")
   p.add_argument("--model", default=None, help="model dir: the encoder's attention")
   p.add_argument("--workdir", default=None, help="training workdir: the predictor's attention")

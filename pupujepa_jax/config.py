@@ -214,7 +214,8 @@ def validate(cfg, num_devices: int | None = None) -> None:
   _check_keys(cfg, schema)
   _check_value_types(cfg, schema)
   try:
-    serving_spec(cfg).validate()
+    spec_lib.validate_frontend(frontend(cfg), "frontend.")
+    architecture(cfg).validate(cfg.frontend.n_mels, "model.")
     mask(cfg).validate(grid_shape(cfg))
     _validate_predictor(cfg)
   except ValueError as e:

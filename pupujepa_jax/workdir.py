@@ -78,15 +78,23 @@ def holds_run(workdir) -> bool:
   return (workdir / CONFIG_FILE).is_file() and checkpointing.checkpoint_dir(workdir).exists()
 
 
+# Fields that shape the train state: they must match a stored state even before training.
+STATE_FIELDS = ("model.", "predictor.", "frontend.", "teacher_patch_embed")
+
+
 def check_config(cfg, workdir, allow_change: bool = False) -> dict:
   """Refuse a config that differs from the workdir's run (unless `allow_change`).
 
-  Writes nothing. Returns the differences {field: (old, new)} (empty for a new workdir).
+  A workdir that has not trained yet (no metrics.jsonl: e.g. imported release weights)
+  accepts any change except to the fields that shape its stored state. Writes nothing.
+  Returns the differences {field: (old, new)} (empty for a new workdir).
   """
   if not holds_run(workdir):
     return {}
   old, _ = read_config(workdir)
   diff = config_lib.differences(config_lib.to_dict(old), config_lib.to_dict(cfg))
+  if not (pathlib.Path(workdir) / METRICS_FILE).exists():
+    diff = {k: v for k, v in diff.items() if k.startswith(STATE_FIELDS)}
   if diff and not allow_change:
     details = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(diff.items())[:10])
     raise ConfigMismatchError(

@@ -1,6 +1,7 @@
 """Shared builders for the export / embed / attention tests: a smoke config, synthetic
 audio files, and a training workdir holding one checkpoint (written by the project's own
-`trainer.prepare_workdir` and `checkpointing.save`, without compiling a train step)."""
+`workdir.write_run_files` and `checkpointing.save_state`, without compiling a train
+step)."""
 import functools
 import pathlib
 
@@ -9,7 +10,7 @@ import numpy as np
 import soundfile
 
 from pupujepa_jax import checkpointing, config as config_lib, models, sharding, train_step
-from pupujepa_jax import trainer
+from pupujepa_jax import workdir as workdir_lib
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -45,7 +46,6 @@ def make_workdir(base, step=3):
   for i in range(2):
     write_tone(audio / f"t{i}.wav", 1.0, freq=300.0 + 100 * i, seed=i)
   cfg = smoke_cfg(audio)
-  trainer.prepare_workdir(cfg, workdir)
   mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
   state = train_step.create_sharded_state(cfg, mesh)
   # A teacher unlike the student, so an export of the wrong subtree is caught.
@@ -53,13 +53,19 @@ def make_workdir(base, step=3):
   keys = jax.random.split(jax.random.key(1), len(leaves))
   state["teacher"] = jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape)
                                                for x, k in zip(leaves, keys)])
-  manager = checkpointing.make_manager(workdir)
-  checkpointing.save(manager, step, state, force=True)
-  manager.wait_until_finished()
-  manager.close()
+  checkpointing.save_state(workdir, step, state)
+  workdir_lib.write_run_files(cfg, workdir)
   return workdir
 
 
+def init_encoder(cfg, seed=0) -> dict:
+  """`models.init_encoder` of cfg's architecture, jitted (eager Flax init is slow on CPU)."""
+  return jax.jit(functools.partial(models.init_encoder, config_lib.architecture(cfg),
+                                   cfg.frontend.n_mels))(jax.random.key(seed))
+
+
 def init_params(cfg, seed=0) -> dict:
-  """`models.init_params`, jitted (eager Flax init runs op by op: much slower on CPU)."""
-  return jax.jit(functools.partial(models.init_params, cfg))(jax.random.key(seed))
+  """`models.init_params` of cfg, jitted."""
+  return jax.jit(functools.partial(models.init_params, config_lib.architecture(cfg),
+                                   config_lib.predictor_size(cfg),
+                                   cfg.frontend.n_mels))(jax.random.key(seed))

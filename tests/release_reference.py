@@ -136,3 +136,44 @@ def load_numpy(module: nn.Module, state: dict) -> nn.Module:
   module.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in state.items()},
                          strict=True)
   return module
+
+
+class AttentionRecorder:
+  """Records timm's own attention probabilities of every block of `blocks`.
+
+  timm's AttentionRope, with its fused kernel switched off, computes
+  `softmax(q k^T * scale)` and passes it through `attn_drop`; a forward hook there sees
+  exactly the probabilities the block applies to v.
+  """
+
+  def __init__(self, blocks):
+    self.weights = []
+    self._handles = []
+    for block in blocks:
+      block.attn.fused_attn = False
+      self._handles.append(block.attn.attn_drop.register_forward_hook(
+          lambda module, inputs, output: self.weights.append(output.detach().numpy())))
+
+  def stacked(self) -> np.ndarray:
+    """[depth, B, heads, N, N] of the last forward pass."""
+    return np.stack(self.weights[-len(self._handles):])
+
+
+def release_log_mel(wave: np.ndarray) -> np.ndarray:
+  """The released front-end (SPEC section 2) in torch + librosa: [B, samples] -> [B, T, 128].
+
+  Independent of `pupujepa_jax.frontend`: torch.stft with a periodic Hann window on a
+  reflect-padded signal, magnitude, librosa's Slaney mel filterbank, log, fixed norm.
+  """
+  import librosa
+  n_fft, hop = 1024, 240
+  pad = (n_fft - hop) // 2
+  x = torch.nn.functional.pad(torch.from_numpy(np.asarray(wave, np.float32))[:, None],
+                              (pad, pad), mode="reflect")[:, 0]
+  spec = torch.stft(x, n_fft, hop_length=hop, win_length=n_fft,
+                    window=torch.hann_window(n_fft), center=False, return_complex=True)
+  mag = torch.sqrt(spec.real ** 2 + spec.imag ** 2 + 1e-9)
+  mel_basis = torch.from_numpy(librosa.filters.mel(sr=24_000, n_fft=n_fft, n_mels=128,
+                                                   fmin=0.0, fmax=12_000.0))
+  mel = torch.log(torch.clamp(mel_basis @ mag, min=1e-5))
+  return ((mel - (-4.089994845986366)) / (2.0242277159094813 + 1e-8)).transpose(1, 2).numpy()

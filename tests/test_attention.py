@@ -1,87 +1,72 @@
-"""Attention weights recomputed outside the model agree with the model; pictures are drawn."""
+"""Attention pictures: the probabilities the model sows equal timm's own, pictures are drawn.
+
+The reference is the release-built PyTorch model (`tests/release_reference.py`) with a
+hook on timm's attention dropout, which sees the softmax probabilities each block
+applies; our blocks sow theirs (`intermediates`), whatever kernel computes the output.
+"""
 import functools
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import matplotlib.image
 import numpy as np
 import pytest
+import torch
 
-from pupujepa_jax import cli, export, masking, models, viz
-from pupujepa_jax.models import rope, transformer
-from tests import model_fixtures
-
-
-def _layer_params(blocks, layer):
-  return jax.tree.map(lambda a: a[layer], blocks)
+from pupujepa_jax import cli, config as config_lib, export, masking, models, viz
+from pupujepa_jax.models import release_names
+from tests import model_fixtures, release_reference
 
 
-def test_encoder_attention_reproduces_every_block():
+@pytest.fixture(scope="module")
+def reference():
   cfg = model_fixtures.smoke_cfg()
-  params = model_fixtures.init_params(cfg, 0)["encoder"]
-  spec = models.encoder_spec(cfg)
-  x = jax.random.normal(jax.random.key(1), (2, 64, 128))
-  _, layers = jax.jit(functools.partial(models.make_encoder(cfg).apply, return_layers=True))(
-      {"params": params}, x)
+  cfg.predictor.update(width=32, depth=2, num_heads=2)
+  cfg.mask.strategy = "random"  # compile one mask generator only
+  m, p = cfg.model, cfg.predictor
+  torch.manual_seed(0)
+  ref = release_reference.randomise(release_reference.PupuJEPA(
+      m.width, m.depth, m.num_heads, p.width, p.depth, p.num_heads), 1)
+  params, teacher = release_names.training_from_release(
+      release_reference.state_dict_numpy(ref), config_lib.architecture(cfg),
+      config_lib.predictor_size(cfg))
+  x = np.random.default_rng(1).standard_normal((2, 64, 128)).astype(np.float32)
+  return cfg, ref, params, teacher, x
 
-  @jax.jit
-  def block_output(p, h):
-    h2 = nn.LayerNorm(epsilon=transformer.LN_EPS).apply({"params": p["norm2"]}, h)
-    return h + transformer.Mlp(spec).apply({"params": p["mlp"]}, h2)
 
-  attention = jax.jit(functools.partial(viz.encoder_attention, cfg), static_argnums=2)
-  for layer in range(spec.depth):
-    weights, update = attention(params, x, layer)
-    assert weights.shape == (2, spec.num_heads, 128, 128)
-    np.testing.assert_allclose(weights.sum(-1), 1.0, atol=1e-5)
-    # Block output = x + attention branch + MLP(norm2(.)): must equal the next layer.
-    out = block_output(_layer_params(params["stack"]["blocks"], layer), layers[layer] + update)
-    np.testing.assert_allclose(out, layers[layer + 1], atol=1e-4, rtol=0)
+def test_encoder_attention_is_timms_attention(reference):
+  cfg, ref, params, teacher, x = reference
+  recorder = release_reference.AttentionRecorder(ref.teacher.blocks)
+  ref.embed(torch.from_numpy(x)[:, None])
+  want = recorder.stacked()
+  arch = config_lib.architecture(cfg)
+  got = jax.jit(functools.partial(viz.encoder_attention, arch))(
+      models.encoder_params(params, teacher), x)
+  assert got.shape == (cfg.model.depth, 2, cfg.model.num_heads, 128, 128)
+  np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=0)
 
-  maps = viz.attention_maps(cfg, params, x[0], 1, (3, 5))
+  maps = viz.attention_maps(arch, models.encoder_params(params, teacher), x[0], 1, (3, 5))
   assert maps["heads"].shape == (2, 16, 8) and maps["mean"].shape == (16, 8)
+  np.testing.assert_allclose(maps["heads"].reshape(2, -1), want[1, 0, :, 3 * 8 + 5],
+                             atol=1e-5)
   np.testing.assert_allclose(maps["mean"], maps["heads"].mean(0), atol=1e-6)
   np.testing.assert_allclose(maps["rollout"].sum(), 1.0, atol=1e-5)
-  w1, _ = attention(params, x[:1], 1)
-  np.testing.assert_allclose(maps["mean"].reshape(-1), w1[0, :, 3 * 8 + 5].mean(0),
-                             atol=1e-6)
   with pytest.raises(ValueError, match="outside the 16x8 token grid"):
-    viz.attention_maps(cfg, params, x[0], 1, (16, 0))
+    viz.attention_maps(arch, models.encoder_params(params, teacher), x[0], 1, (16, 0))
 
 
-def test_predictor_attention_reproduces_the_predictor():
-  cfg = model_fixtures.smoke_cfg()
-  cfg.predictor.update(depth=2)
-  cfg.mask.strategy = "random"  # compile one mask generator only
-  params = model_fixtures.init_params(cfg, 0)
-  spec = models.predictor_spec(cfg)
-  x = jax.random.normal(jax.random.key(1), (1, 64, 128))
+def test_predictor_attention_is_timms_attention(reference):
+  cfg, ref, params, teacher, x = reference
   masks = jax.jit(masking.sample_masks, static_argnums=(2, 3, 4))(
-      jax.random.key(2), 0, (16, 8), 1, masking.mask_params(cfg.mask))
-  weights, h = jax.jit(functools.partial(viz.predictor_attention, cfg, layer=1))(
-      params, x, masks.context, masks.target)
+      jax.random.key(2), 0, (16, 8), 2, config_lib.mask(cfg))
+  recorder = release_reference.AttentionRecorder(ref.predictor.blocks)
+  with torch.no_grad():
+    ref(torch.from_numpy(x)[:, None], torch.from_numpy(np.asarray(masks.context, np.int64)),
+        torch.from_numpy(np.asarray(masks.target, np.int64)))
+  want = recorder.stacked()
+  got = jax.jit(functools.partial(viz.predictor_attention, cfg))(params, x, masks)
   n = masks.context.shape[1] + masks.target.shape[1]
-  assert weights.shape == (1, spec.num_heads, n, n)
-  # Run the last block, final norm and projection on the recomputed input of block 1.
-  pp = params["predictor"]
-
-  @jax.jit
-  def finish(h):
-    index = jnp.concatenate([masks.context, masks.target], axis=1)
-    sin, cos = rope.gather_rope(rope.rope_table((16, 8), spec.head_dim), index)
-    h, _ = transformer.Block(spec).apply({"params": _layer_params(pp["stack"]["blocks"], 1)},
-                                         h, sin, cos, 0.0)
-    h = nn.LayerNorm(epsilon=transformer.LN_EPS).apply({"params": pp["norm"]},
-                                                       h[:, -masks.target.shape[1]:])
-    return nn.Dense(64).apply({"params": pp["proj"]}, h)
-
-  ours = finish(h)
-  context = jax.jit(models.make_encoder(cfg).apply)({"params": params["encoder"]}, x,
-                                                    masks.context)
-  ref = jax.jit(models.make_predictor(cfg).apply)({"params": pp}, context, masks.context,
-                                                  masks.target)
-  np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+  assert got.shape == (2, 2, 2, n, n)
+  np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=0)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from pupujepa_jax import cli, export, inference
+from pupujepa_jax import cli, config as config_lib, export, inference
 from tests import model_fixtures
 
 
@@ -27,9 +27,9 @@ def test_window_starts_cover_the_clip_and_end_aligned():
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
   cfg = model_fixtures.smoke_cfg()
-  params = model_fixtures.init_params(cfg, 0)["encoder"]
+  params = model_fixtures.init_encoder(cfg, 0)
   out = tmp_path_factory.mktemp("model")
-  export.write_model_dir(out, params, cfg, step=0, cfg_hash="test", model_id="smoke-init",
+  export.write_model_dir(out, params, config_lib.serving_spec(cfg), model_id="smoke-init",
                          source="test")
   return out
 
@@ -98,5 +98,7 @@ def test_embed_refuses_bad_arguments(model_dir, audio_dir, tmp_path):
     inference.embed_folder(model, audio_dir, tmp_path, readout="cls", progress=False)
   with pytest.raises(ValueError, match="layer 5 out of range"):
     model.embed(np.zeros(24_000, np.float32), 24_000, layers=[5])
+  with pytest.raises(ValueError, match="hop_seconds=0.001"):
+    model.embed(np.zeros(24_000, np.float32), 24_000, hop_seconds=0.001)
   with pytest.raises(FileNotFoundError, match="does not exist"):
     inference.embed_folder(model, tmp_path / "nowhere", tmp_path, progress=False)

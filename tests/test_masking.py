@@ -1,4 +1,5 @@
 """Tests of the mask strategies, their rules and the curriculum (SPEC section 4)."""
+import dataclasses
 import functools
 import math
 
@@ -13,8 +14,8 @@ from pupujepa_jax import config, masking
 GRIDS = [(256, 8), (32, 8)]
 
 
-def _params(**overrides) -> masking.MaskParams:
-  return masking.mask_params(config.base_config().mask)._replace(**overrides)
+def _params(**overrides) -> masking.MaskConfig:
+  return dataclasses.replace(config.mask(config.base_config()), **overrides)
 
 
 def _keys(n, seed=0):
@@ -29,14 +30,16 @@ def _jit_sample(rng, step, grid, batch_size, params):
 def test_num_targets_and_params_from_config():
   assert masking.num_targets((256, 8), 0.8) == 1638
   assert masking.num_targets((32, 8), 0.8) == 204
-  cfg = config.base_config().mask
-  cfg.strategy = "block"
-  params = masking.mask_params(cfg)
-  assert params.strategy == "block" and params.probs == (0.4, 0.3, 0.3)
+  cfg = config.base_config()
+  cfg.mask.strategy = "block"
+  params = config.mask(cfg)
+  assert params.strategy == "block" and params.probs == (0.4, 0.3, 0.3, 0.0)
   hash(params)  # static argument of jit
-  cfg.strategy = "blocks"
+  cfg.mask.strategy = "blocks"
   with pytest.raises(ValueError, match="mask.strategy"):
-    masking.mask_params(cfg)
+    config.mask(cfg).validate((256, 8))
+  with pytest.raises(ValueError, match="mask.probs"):
+    _params(probs=(0.5, 0.5, 0.0)).validate((256, 8))  # one per strategy, 4 of them
 
 
 @pytest.mark.parametrize("grid", GRIDS)
@@ -59,7 +62,7 @@ def test_exact_counts_disjoint_and_covering(strategy, grid):
 
 
 def test_sample_target_mask_single():
-  cfg = config.base_config().mask
+  cfg = _params()
   mask = np.asarray(masking.sample_target_mask(jax.random.key(0), "random", (32, 8), cfg))
   assert mask.shape == (256,) and mask.dtype == bool and mask.sum() == 204
   with pytest.raises(ValueError, match="strategy"):
@@ -101,7 +104,7 @@ def test_block_rectangle_on_narrow_grid_and_budget_cap():
 @pytest.mark.parametrize("grid", GRIDS)
 def test_stripe_share_and_shapes(grid):
   n = 4000
-  draw = jax.jit(jax.vmap(lambda k: masking._stripe_rectangle(k, grid, 40)))
+  draw = jax.jit(jax.vmap(lambda k: masking._stripe_rectangle(k, grid, 40, 10**6)))
   top, left, h, w = (np.asarray(x) for x in draw(_keys(n)))
   is_time = w == grid[1]  # frequency stripes are one band wide (grid[1] > 1)
   p = grid[0] / (grid[0] + grid[1])
@@ -225,8 +228,7 @@ def test_compiles_once_over_steps_and_strategies():
 
 
 def test_strategy_override_from_config():
-  cfg = config.base_config().mask
-  cfg.strategy = "time_frequency"
+  cfg = _params(strategy="time_frequency")
   sample = jax.jit(lambda k, s: masking.sample_masks(k, s, (32, 8), 4, cfg).strategy)
   ids = {int(sample(k, jnp.int32(s))) for k, s in zip(_keys(6), [0, 30_000, 10**5] * 2)}
   assert ids == {2}
@@ -257,3 +259,100 @@ def test_mask_statistics_and_png(tmp_path):
   masking.draw_masks_png(target[:3], grid, str(path), titles=["a", "b", "c"])
   image = matplotlib.image.imread(str(path))
   assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 500
+
+
+# ----------------------------------------------------------- the release's rules, exactly
+# A line-by-line Python rendering of the release's MaskGeneratorBlock and
+# MaskGeneratorTimeFrequency loops (model/pupujepa.py), fed with the same uniform draws
+# our jitted generators use: torch.rand / torch.randint calls are replaced by the
+# attempt's uniforms (randint(lo, hi) = lo + floor(u * (hi - lo))). Its areas and spans
+# are computed in float64 as Python does. The masks before the random top-up must agree
+# cell for cell.
+
+def _release_loop(grid, target_count, max_attempts, uniforms, attempt):
+  H, W = grid
+  mask_map = np.zeros((H, W), bool)
+  current_count, attempts = 0, 0
+  while current_count < target_count and attempts < max_attempts:
+    u = [float(x) for x in uniforms[attempts]]
+    attempts += 1
+    row_slice, col_slice = attempt(u, target_count - current_count)
+    area_mask = mask_map[row_slice, col_slice]
+    num_new = area_mask.size - int(area_mask.sum())
+    if num_new == 0:
+      continue
+    if current_count + num_new <= target_count:
+      mask_map[row_slice, col_slice] = True
+      current_count += num_new
+    else:
+      break
+  return mask_map
+
+
+def _randint(u, low, high):
+  return low + min(int(math.floor(u * (high - low))), high - low - 1)
+
+
+def _release_block(grid, scale_range=(0.01, 0.05)):
+  H, W = grid
+  L = H * W
+
+  def attempt(u, remaining):
+    is_vertical = u[1] < 0.5
+    ar_min, ar_max = (2.0, 5.0) if is_vertical else (0.2, 0.5)
+    ar = ar_min + u[2] * (ar_max - ar_min)
+    scale = scale_range[0] + u[0] * (scale_range[1] - scale_range[0])
+    block_area = scale * L
+    if block_area > remaining:
+      block_area = remaining
+    h_w_ratio = math.sqrt(ar)
+    h_span = max(1, min(H, int(math.sqrt(block_area) * h_w_ratio)))
+    w_span = max(1, min(W, int(math.sqrt(block_area) / h_w_ratio)))
+    h_start = _randint(u[3], 0, H - h_span + 1)
+    w_start = _randint(u[4], 0, W - w_span + 1)
+    return slice(h_start, h_start + h_span), slice(w_start, w_start + w_span)
+  return attempt
+
+
+def _release_time_frequency(grid, time_max=40, freq_max=1):
+  H, W = grid
+  prob_time = H / (H + W)
+
+  def attempt(u, remaining):
+    if u[0] < prob_time:
+      width = _randint(u[1], 1, time_max + 1)
+      if width * W > remaining:
+        width = max(1, remaining // W)
+      t_idx = _randint(u[2], 0, H - width + 1)
+      return slice(t_idx, t_idx + width), slice(None)
+    width = freq_max  # randint(1, freq_max + 1) with freq_max = 1
+    if width * H > remaining:
+      width = max(1, remaining // H)
+    f_idx = _randint(u[3], 0, W - width + 1)
+    return slice(None), slice(f_idx, f_idx + width)
+  return attempt
+
+
+@pytest.mark.parametrize("strategy,n_uniform", [("block", 5), ("time_frequency", 4)])
+def test_rectangles_follow_the_release_loop_exactly(strategy, n_uniform):
+  grid, p = (256, 8), _params()
+  budget = masking.num_targets(grid, p.ratio)
+  if strategy == "block":
+    draw = lambda k, r: masking._block_rectangle(k, grid, p.block_scale, r)
+    reference = _release_block(grid, p.block_scale)
+  else:
+    draw = lambda k, r: masking._stripe_rectangle(k, grid, p.stripe_max_time, r)
+    reference = _release_time_frequency(grid, p.stripe_max_time)
+  ours = jax.jit(jax.vmap(lambda k: masking._budgeted_rectangles(
+      k, grid, budget, p.max_attempts, draw)[0]))
+  keys = _keys(48, seed=11)
+  masks = np.asarray(ours(keys))
+  stopped_early = 0
+  for key, mask in zip(keys, masks):
+    attempt_keys = jax.random.split(key, p.max_attempts)
+    uniforms = np.asarray(jax.vmap(lambda k: jax.random.uniform(k, (n_uniform,)))(attempt_keys))
+    want = _release_loop(grid, budget, p.max_attempts, uniforms, reference)
+    np.testing.assert_array_equal(mask, want)
+    stopped_early += want.sum() < budget
+  # The rules were exercised: some masks needed the random top-up, and stripes shrank.
+  assert stopped_early > 0

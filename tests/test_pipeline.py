@@ -45,7 +45,7 @@ def dataset_dir(tmp_path_factory):
 
 def _data_cfg(path, **overrides):
   data = config_lib.base_config().data
-  data.update(path=str(path), crop_frames=CROP_FRAMES, batch_size=4, num_workers=0,
+  data.update(path=str(path), batch_size=4, num_workers=0,
               prefetch_buffer=2)
   data.update(overrides)
   return data
@@ -64,7 +64,7 @@ def _assert_same_batches(a, b):
 
 
 def test_batches_have_the_promised_shape_and_values(dataset_dir):
-  it = pipeline.make_pretrain_iterator(_data_cfg(dataset_dir), FE, seed=0, process_index=0,
+  it = pipeline.make_pretrain_iterator(_data_cfg(dataset_dir), FE, CROP_FRAMES, seed=0, process_index=0,
                                        process_count=1)
   for batch in _take(it, 4):
     assert list(batch) == ["spectrogram"]
@@ -76,7 +76,7 @@ def test_batches_have_the_promised_shape_and_values(dataset_dir):
 
 def test_spectrogram_is_the_frontend_of_the_recorded_crop(dataset_dir):
   source = ingest_lib.load_data_source(dataset_dir)
-  ds = pipeline.make_pretrain_dataset(_data_cfg(dataset_dir), FE, seed=3, process_index=0,
+  ds = pipeline.make_pretrain_dataset(_data_cfg(dataset_dir), FE, CROP_FRAMES, seed=3, process_index=0,
                                       process_count=1, with_metadata=True)
   it = iter(ds)
   seen = set()
@@ -92,15 +92,15 @@ def test_spectrogram_is_the_frontend_of_the_recorded_crop(dataset_dir):
 
 def test_same_seed_same_stream_other_seed_other_stream(dataset_dir):
   cfg = _data_cfg(dataset_dir)
-  a = _take(pipeline.make_pretrain_iterator(cfg, FE, seed=7, process_index=0, process_count=1), 4)
-  b = _take(pipeline.make_pretrain_iterator(cfg, FE, seed=7, process_index=0, process_count=1), 4)
-  c = _take(pipeline.make_pretrain_iterator(cfg, FE, seed=8, process_index=0, process_count=1), 4)
+  a = _take(pipeline.make_pretrain_iterator(cfg, FE, CROP_FRAMES, seed=7, process_index=0, process_count=1), 4)
+  b = _take(pipeline.make_pretrain_iterator(cfg, FE, CROP_FRAMES, seed=7, process_index=0, process_count=1), 4)
+  c = _take(pipeline.make_pretrain_iterator(cfg, FE, CROP_FRAMES, seed=8, process_index=0, process_count=1), 4)
   _assert_same_batches(a, b)
   assert not np.array_equal(a[0]["spectrogram"], c[0]["spectrogram"])
 
 
 def test_epochs_are_reshuffled(dataset_dir):
-  ds = pipeline.make_pretrain_dataset(_data_cfg(dataset_dir), FE, seed=0, process_index=0,
+  ds = pipeline.make_pretrain_dataset(_data_cfg(dataset_dir), FE, CROP_FRAMES, seed=0, process_index=0,
                                       process_count=1, with_metadata=True)
   order = np.concatenate([b["record_index"] for b in _take(iter(ds), 6)])
   first, second = order[:NUM_RECORDS], order[NUM_RECORDS:]
@@ -110,24 +110,24 @@ def test_epochs_are_reshuffled(dataset_dir):
 
 def test_restored_state_yields_exactly_the_same_batches(dataset_dir):
   cfg = _data_cfg(dataset_dir)
-  it = pipeline.make_pretrain_iterator(cfg, FE, seed=1, process_index=0, process_count=1)
+  it = pipeline.make_pretrain_iterator(cfg, FE, CROP_FRAMES, seed=1, process_index=0, process_count=1)
   _take(it, 5)  # crosses an epoch boundary (3 batches per epoch)
   state = it.get_state()
   expected = _take(it, 4)
-  restored = pipeline.make_pretrain_iterator(cfg, FE, seed=1, process_index=0, process_count=1)
+  restored = pipeline.make_pretrain_iterator(cfg, FE, CROP_FRAMES, seed=1, process_index=0, process_count=1)
   restored.set_state(state)
   _assert_same_batches(_take(restored, 4), expected)
 
 
 def test_orbax_checkpoint_manager_round_trip(dataset_dir, tmp_path):
   cfg = _data_cfg(dataset_dir)
-  it = pipeline.make_pretrain_iterator(cfg, FE, seed=2, process_index=0, process_count=1)
+  it = pipeline.make_pretrain_iterator(cfg, FE, CROP_FRAMES, seed=2, process_index=0, process_count=1)
   _take(it, 2)
   with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
     manager.save(2, args=ocp.args.Composite(data=pipeline.checkpoint_args_save(it)))
     manager.wait_until_finished()
   expected = _take(it, 3)
-  fresh = pipeline.make_pretrain_iterator(cfg, FE, seed=2, process_index=0, process_count=1)
+  fresh = pipeline.make_pretrain_iterator(cfg, FE, CROP_FRAMES, seed=2, process_index=0, process_count=1)
   with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
     assert manager.latest_step() == 2
     manager.restore(2, args=ocp.args.Composite(data=pipeline.checkpoint_args_restore(fresh)))
@@ -138,7 +138,7 @@ def test_two_processes_read_disjoint_shards_that_cover_the_data(dataset_dir):
   cfg = _data_cfg(dataset_dir)  # global batch 4 -> local batch 2 per process
   shards = []
   for process in range(2):
-    ds = pipeline.make_pretrain_dataset(cfg, FE, seed=0, process_index=process,
+    ds = pipeline.make_pretrain_dataset(cfg, FE, CROP_FRAMES, seed=0, process_index=process,
                                         process_count=2, with_metadata=True)
     batches = _take(iter(ds), 3)
     assert all(b["spectrogram"].shape == (2, CROP_FRAMES, FE.n_mels) for b in batches)
@@ -151,9 +151,9 @@ def test_two_processes_read_disjoint_shards_that_cover_the_data(dataset_dir):
 
 def test_global_batches_do_not_depend_on_the_process_count(dataset_dir):
   cfg = _data_cfg(dataset_dir)
-  single = _take(pipeline.make_pretrain_iterator(cfg, FE, seed=5, process_index=0,
+  single = _take(pipeline.make_pretrain_iterator(cfg, FE, CROP_FRAMES, seed=5, process_index=0,
                                                  process_count=1), 3)
-  halves = [_take(pipeline.make_pretrain_iterator(cfg, FE, seed=5, process_index=p,
+  halves = [_take(pipeline.make_pretrain_iterator(cfg, FE, CROP_FRAMES, seed=5, process_index=p,
                                                   process_count=2), 3) for p in range(2)]
   for step, batch in enumerate(single):
     joined = np.concatenate([halves[0][step]["spectrogram"], halves[1][step]["spectrogram"]])
@@ -165,7 +165,7 @@ def test_short_tracks_are_looped_or_padded(tmp_path, policy):
   wave = (0.2 * np.random.default_rng(1).standard_normal(7_000)).astype(np.float32)
   _write_dataset(tmp_path, [wave])
   ds = pipeline.make_pretrain_dataset(_data_cfg(tmp_path, batch_size=3, short_policy=policy),
-                                      FE, seed=0, process_index=0, process_count=1,
+                                      FE, CROP_FRAMES, seed=0, process_index=0, process_count=1,
                                       with_metadata=True)
   batch = next(iter(ds))
   stored = ingest_lib.pcm_to_float(ingest_lib.to_int16(wave))
@@ -191,9 +191,9 @@ def test_take_crop():
 def test_global_batches_on_the_fake_device_mesh(dataset_dir):
   mesh = sharding.make_mesh(4, 2)
   cfg = _data_cfg(dataset_dir, batch_size=8)
-  local = _take(pipeline.make_pretrain_iterator(cfg, FE, seed=0, process_index=0,
+  local = _take(pipeline.make_pretrain_iterator(cfg, FE, CROP_FRAMES, seed=0, process_index=0,
                                                 process_count=1), 2)
-  it = pipeline.make_pretrain_iterator(cfg, FE, seed=0, process_index=0, process_count=1)
+  it = pipeline.make_pretrain_iterator(cfg, FE, CROP_FRAMES, seed=0, process_index=0, process_count=1)
   for expected, batch in zip(local, itertools.islice(pipeline.global_batches(it, mesh), 2)):
     spec = batch["spectrogram"]
     assert isinstance(spec, jax.Array) and spec.shape == (8, CROP_FRAMES, FE.n_mels)
@@ -209,7 +209,7 @@ def test_folder_source_decodes_on_the_fly(tmp_path):
   soundfile.write(tmp_path / "a.wav", 0.1 * rng.standard_normal((48_000, 2)), 32_000)
   soundfile.write(tmp_path / "sub" / "b.flac", 0.1 * rng.standard_normal(40_000), 24_000)
   cfg = _data_cfg(tmp_path, source="folder", batch_size=2)
-  batch = next(pipeline.make_pretrain_iterator(cfg, FE, seed=0, process_index=0,
+  batch = next(pipeline.make_pretrain_iterator(cfg, FE, CROP_FRAMES, seed=0, process_index=0,
                                                process_count=1))
   assert batch["spectrogram"].shape == (2, CROP_FRAMES, FE.n_mels)
   assert np.all(np.isfinite(batch["spectrogram"]))
@@ -218,7 +218,7 @@ def test_folder_source_decodes_on_the_fly(tmp_path):
 def test_bad_configs_name_the_field(dataset_dir, tmp_path):
   def make(**overrides):
     overrides.setdefault("path", dataset_dir)
-    pipeline.make_pretrain_iterator(_data_cfg(**overrides), FE, seed=0, process_index=0,
+    pipeline.make_pretrain_iterator(_data_cfg(**overrides), FE, CROP_FRAMES, seed=0, process_index=0,
                                     process_count=3)
   with pytest.raises(ValueError, match="data.batch_size=4"):
     make()
@@ -234,10 +234,10 @@ def test_bad_configs_name_the_field(dataset_dir, tmp_path):
 
 @pytest.mark.slow
 def test_worker_processes_give_the_same_stream_and_restore(dataset_dir):
-  in_process = _take(pipeline.make_pretrain_iterator(_data_cfg(dataset_dir), FE, seed=4,
+  in_process = _take(pipeline.make_pretrain_iterator(_data_cfg(dataset_dir), FE, CROP_FRAMES, seed=4,
                                                      process_index=0, process_count=1), 3)
   cfg = _data_cfg(dataset_dir, num_workers=2)
-  it = pipeline.make_pretrain_iterator(cfg, FE, seed=4, process_index=0, process_count=1)
+  it = pipeline.make_pretrain_iterator(cfg, FE, CROP_FRAMES, seed=4, process_index=0, process_count=1)
   try:
     first = _take(it, 3)
     state = it.get_state()
@@ -247,7 +247,7 @@ def test_worker_processes_give_the_same_stream_and_restore(dataset_dir):
   # Same crops; workers run single-threaded BLAS, so the mel matmul may differ by an ulp.
   for a, b in zip(first, in_process):
     np.testing.assert_allclose(a["spectrogram"], b["spectrogram"], rtol=0, atol=1e-5)
-  restored = pipeline.make_pretrain_iterator(cfg, FE, seed=4, process_index=0, process_count=1)
+  restored = pipeline.make_pretrain_iterator(cfg, FE, CROP_FRAMES, seed=4, process_index=0, process_count=1)
   try:
     restored.set_state(state)
     _assert_same_batches(_take(restored, 3), expected)

@@ -41,4 +41,4 @@ def test_readme_command_parses_and_its_config_loads(command):
   spec = getattr(args, "config", None)
   if spec:
     cfg = config_lib.load_config(str(ROOT / spec))
-    cli.apply_overrides(cfg, extra)
+    config_lib.apply_overrides(cfg, extra)

@@ -55,9 +55,10 @@ def test_axes_cover_the_issue_variants(tmp_path):
            for r in sweep.expand("experiments/ablations/patch_shape.py", tmp_path)}
   assert grids == {(256, 8), (64, 8), (512, 1)}
   masking = sweep.expand("experiments/ablations/masking.py", tmp_path)
-  assert {r.config.mask.strategy for r in masking} == {"", "random", "block",
+  assert {r.config.mask.strategy for r in masking} == {"curriculum", "random", "block",
                                                        "time_frequency", "multiblock"}
-  assert any(r.config.mask.warmup_end == 0 and not r.config.mask.strategy for r in masking)
+  assert any(r.config.mask.warmup_end == 0 and r.config.mask.strategy == "curriculum"
+             for r in masking)
   by_axis = {"positions": ("model.pos_embed", {"rope", "sincos"}),
              "teacher": ("teacher_mode", {"targets_only", "full_grid"}),
              "loss": ("loss", {"smooth_l1", "normalized_mse", "mse"})}
@@ -66,6 +67,16 @@ def test_axes_cover_the_issue_variants(tmp_path):
     assert {_get(r.config, field) for r in runs} == values
   ema = sweep.expand("experiments/ablations/ema.py", tmp_path)
   assert (0.99995, 0.99999) in {tuple(r.config.optim.ema) for r in ema}
+  # Each released architecture choice against its alternative, one at a time.
+  arch = {r.name: config_lib.to_dict(r.config) for r in
+          sweep.expand("experiments/ablations/architecture.py", tmp_path)}
+  released = config_lib.flatten(arch.pop("released"))
+  changed = {name: sorted(config_lib.differences(released, config_lib.flatten(c), ignore=()))
+             for name, c in arch.items()}
+  assert changed == {"rope_linear_bands": ["model.rope_linear_bands"],
+                     "qk_norm": ["model.qk_norm"], "gelu_mlp": ["model.swiglu"],
+                     "no_k_bias": ["model.k_bias"],
+                     "ema_patch_embed": ["teacher_patch_embed"]}
 
 
 def test_dry_run_prints_the_runs(tmp_path, capsys):

@@ -15,13 +15,13 @@ SMOKE = "experiments/pupujepa.py:smoke"
 def _batch(cfg, seed=0):
   rng = np.random.default_rng(seed)
   return {"spectrogram": rng.standard_normal(
-      (cfg.data.batch_size, cfg.data.crop_frames, cfg.frontend.n_mels)).astype(np.float32)}
+      (cfg.data.batch_size, cfg.model.crop_frames, cfg.frontend.n_mels)).astype(np.float32)}
 
 
 def _structured_batch(cfg, seed=0):
   """Smooth spectrogram-like images: hidden patches are predictable from visible ones."""
   rng = np.random.default_rng(seed)
-  t = np.linspace(0, 1, cfg.data.crop_frames)[:, None]
+  t = np.linspace(0, 1, cfg.model.crop_frames)[:, None]
   f = np.linspace(0, 1, cfg.frontend.n_mels)[None, :]
   images = []
   for _ in range(cfg.data.batch_size):
@@ -44,27 +44,29 @@ def _run(cfg, mesh, steps, batch):
 def test_one_device_and_eight_devices_agree():
   cfg = config_lib.load_config(SMOKE)
   cfg.mesh.fsdp = 2
+  cfg.optim.warmup_steps = 1  # every step after the first updates params and teacher
   batch = _batch(cfg)
   one = sharding.make_mesh(1, 1, jax.devices()[:1])
   eight = sharding.make_mesh(4, 2)
-  state1, metrics1, _ = _run(cfg, one, 2, batch)
-  state8, metrics8, _ = _run(cfg, eight, 2, batch)
+  steps = 4
+  state1, metrics1, _ = _run(cfg, one, steps, batch)
+  state8, metrics8, _ = _run(cfg, eight, steps, batch)
   for m1, m8 in zip(metrics1, metrics8):
     np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
-  # Params: rtol 1e-5, plus an absolute floor of 1e-3 x the peak learning rate. Adam
-  # divides by sqrt(v) + 1e-8, so for gradients near 1e-8 the float32 summation-order
-  # differences between 1 and 8 devices become ~1e-7 differences in a ~1e-4 update
-  # (measured: at most 1.01e-7, on one bias element of magnitude 2e-6).
-  atol = 1e-3 * cfg.optim.lr
-  flat1, flat8 = jax.tree.leaves(state1["params"]), jax.tree.leaves(state8["params"])
-  for a, b in zip(flat1, flat8):
-    np.testing.assert_allclose(b, a, rtol=1e-5, atol=atol)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-5, atol=atol),
-               state1["teacher"], state8["teacher"])
-  # The params really moved (the comparison is not between two untouched inits).
+  # The updates (final - initial) agree to 1% of the largest update, for the params and
+  # for the teacher: a side that skipped its optimizer or EMA update differs by 100%.
+  # (Not 1e-5: Adam divides by sqrt(v) + 1e-8, so for gradients near 1e-8 the float32
+  # summation-order differences between 1 and 8 devices become a fraction of an update.)
   init = jax.device_get(train_step.init_state(cfg))
-  assert not np.allclose(init["params"]["encoder"]["norm"]["scale"],
-                         state1["params"]["encoder"]["norm"]["scale"])
+  scales = {}
+  for part in ("params", "teacher"):
+    delta1 = [a - s for a, s in zip(jax.tree.leaves(state1[part]), jax.tree.leaves(init[part]))]
+    delta8 = [b - s for b, s in zip(jax.tree.leaves(state8[part]), jax.tree.leaves(init[part]))]
+    scales[part] = max(np.abs(d).max() for d in delta1)
+    worst = max(np.abs(d1 - d8).max() for d1, d8 in zip(delta1, delta8))
+    assert worst <= 0.01 * scales[part], (part, worst, scales[part])
+  # Measured: params move ~3e-3 (3 Adam steps at lr 1e-3), the teacher ~2e-5 (EMA 0.996).
+  assert scales["params"] > cfg.optim.lr and scales["teacher"] > 1e-3 * scales["params"]
 
 
 def test_params_are_fsdp_sharded_on_the_mesh():
@@ -72,17 +74,21 @@ def test_params_are_fsdp_sharded_on_the_mesh():
   cfg.mesh.fsdp = 2
   mesh = sharding.make_mesh(4, 2)
   state = train_step.create_sharded_state(cfg, mesh)
-  qkv = state["params"]["encoder"]["stack"]["blocks"]["attn"]["qkv"]["kernel"]
+  qkv = state["params"]["student"]["blocks"]["attn"]["qkv"]["kernel"]
   assert "fsdp" in tuple(qkv.sharding.spec)
   assert qkv.addressable_shards[0].data.size == qkv.size // 2
-  bias = state["params"]["encoder"]["norm"]["bias"]
+  teacher_qkv = state["teacher"]["blocks"]["attn"]["qkv"]["kernel"]
+  assert teacher_qkv.sharding == qkv.sharding
+  bias = state["params"]["student"]["norm"]["bias"]
   assert bias.sharding.is_fully_replicated
 
 
 @pytest.mark.slow
 def test_tiny_model_learns_a_fixed_batch_without_collapse():
   cfg = config_lib.load_config(SMOKE)
-  cfg.total_steps = 300
+  # 400 steps: with the released layout (the teacher reads the student's patch embedding,
+  # a moving input) the loss halves between steps 300 and 400 (0.52x at 300, measured).
+  cfg.total_steps = 400
   cfg.optim.update(lr=2e-3, warmup_steps=20)
   batch = _structured_batch(cfg, seed=1)
   mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
@@ -104,7 +110,7 @@ def test_no_recompilation_across_steps_and_strategies():
 
 
 @pytest.mark.parametrize("overrides", [
-    dict(compute_dtype="bfloat16", remat=True),
+    dict(compute_dtype="bfloat16", remat="dots"),
     dict(teacher_mode="full_grid", loss="normalized_mse"),
     dict(loss="mse", model=dict(pos_embed="sincos", drop_path=0.1, layer_scale=0.1)),
 ])
@@ -149,15 +155,15 @@ def test_schedules_and_decay_mask():
   assert np.isclose(float(ema(0)), 0.996) and np.isclose(float(ema(1000)), 1.0)
   state = jax.eval_shape(functools.partial(train_step.init_state, cfg))
   mask = optim.decay_mask(state["params"])
-  enc = mask["encoder"]
-  assert enc["stack"]["blocks"]["attn"]["qkv"]["kernel"]
-  assert not enc["stack"]["blocks"]["attn"]["q_bias"]
-  assert not enc["stack"]["blocks"]["norm1"]["scale"]
+  enc = mask["student"]
+  assert enc["blocks"]["attn"]["qkv"]["kernel"] and mask["patch_embed"]["proj"]["kernel"]
+  assert not enc["blocks"]["attn"]["qkv"]["bias"]
+  assert not enc["blocks"]["norm1"]["scale"]
   assert not mask["predictor"]["mask_token"]
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("data.crop_frames", 1022, "data.crop_frames"),
+    ("model.crop_frames", 1022, "model.crop_frames"),
     ("model.patch_freq", 48, "frontend.n_mels"),
     ("mask.strategy", "stripes", "mask.strategy"),
     ("loss", "l2", "loss"),

@@ -15,12 +15,13 @@ import pytest
 
 from pupujepa_jax import checkpointing, cli, metrics, sharding, train_step, trainer
 from pupujepa_jax import config as config_lib
+from pupujepa_jax import workdir as workdir_lib
 
 STEPS = 60
 
 
 def _config(folder, **overrides):
-  return cli.apply_overrides(
+  return config_lib.apply_overrides(
       config_lib.load_config(f"experiments/pupujepa.py:smoke,folder={folder}"),
       [f"--config.{k}={v}" for k, v in overrides.items()])
 
@@ -144,18 +145,19 @@ def test_workdir_of_another_config_is_refused(uninterrupted, tone_folder):
   cfg = _config(tone_folder, total_steps=STEPS)
   cfg.model.width = 96
   cfg.mask.ratio = 0.7
-  with pytest.raises(trainer.ConfigMismatchError, match=r"mask.ratio.*model.width: 64 -> 96"):
-    trainer.prepare_workdir(cfg, uninterrupted)
+  with pytest.raises(workdir_lib.ConfigMismatchError,
+                     match=r"mask.ratio.*model.width: 64 -> 96"):
+    workdir_lib.check_config(cfg, uninterrupted)
   cfg = _config(tone_folder, total_steps=2 * STEPS, log_every=5)  # resumable changes
-  trainer.prepare_workdir(cfg, uninterrupted)
+  assert workdir_lib.check_config(cfg, uninterrupted) == {}
 
 
 def test_bad_overrides_and_unwritable_workdir(tone_folder, capsys):
   rc = cli.main(["train", "--config", f"experiments/pupujepa.py:smoke,folder={tone_folder}",
                  "--workdir", "/sys/pupujepa_run", "--config.data.batchsize=4"])
   assert rc == 2 and "data.batchsize: unknown config field" in capsys.readouterr().err
-  with pytest.raises(OSError, match="cannot write to workdir /sys/pupujepa_run"):
-    trainer.prepare_workdir(_config(tone_folder), "/sys/pupujepa_run")
+  with pytest.raises(workdir_lib.WorkdirError, match="cannot write to workdir /sys/pupujepa_run"):
+    workdir_lib.write_run_files(_config(tone_folder), "/sys/pupujepa_run")
 
 
 def _free_port():

@@ -28,7 +28,7 @@ def sweep():
       # from step 0: does the warm-up matter?
       {"name": "curriculum_default", "overrides": {}},
       {"name": "mix_no_warmup", "overrides": {"mask.warmup_start": 0, "mask.warmup_end": 0}},
-      {"name": "mix_structured", "overrides": {"mask.probs": (0.0, 0.5, 0.5)}},
-      {"name": "mix_random_heavy", "overrides": {"mask.probs": (0.8, 0.1, 0.1)}},
+      {"name": "mix_structured", "overrides": {"mask.probs": (0.0, 0.5, 0.5, 0.0)}},
+      {"name": "mix_random_heavy", "overrides": {"mask.probs": (0.8, 0.1, 0.1, 0.0)}},
   ]
   return single + mixes

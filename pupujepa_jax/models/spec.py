@@ -116,9 +116,9 @@ class ServingSpec:
   def window_samples(self) -> int:
     return self.frontend.samples_for_frames(self.architecture.crop_frames)
 
-  def validate(self) -> "ServingSpec":
-    validate_frontend(self.frontend)
-    self.architecture.validate(self.frontend.n_mels)
+  def validate(self, prefix: str = "") -> "ServingSpec":
+    validate_frontend(self.frontend, prefix + "frontend.")
+    self.architecture.validate(self.frontend.n_mels, prefix + "architecture.")
     return self
 
   def to_dict(self) -> dict:
@@ -134,7 +134,7 @@ class ServingSpec:
     for key, kind in (("architecture", Architecture),
                       ("frontend", frontend_lib.FrontendConfig)):
       parts[key] = from_fields(kind, data.get(key), f"{source}: {key}.")
-    return cls(**parts).validate()
+    return cls(**parts).validate(f"{source}: ")
 
 
 def from_fields(kind, values, prefix: str):
