@@ -18,6 +18,11 @@ import numpy as np
 import scipy.fft
 
 SAMPLE_RATE = 24_000
+# Sample rates accepted anywhere (audio files, in-memory waveforms, front-end configs):
+# 4 kHz (narrow-band speech) to 768 kHz (the highest rate of studio converters). A file
+# claiming a rate outside it is refused before decoding: a header saying 1 Hz would make
+# resampling to 24 kHz allocate 24,000 output samples per stored sample.
+SAMPLE_RATE_RANGE = (4_000, 768_000)
 N_FFT = 1024
 HOP = 240
 N_MELS = 128

@@ -22,7 +22,7 @@ MAX_WIDTH = 16_384
 MAX_DEPTH = 256
 MAX_CROP_FRAMES = 16_384      # 164 s at 100 frames/s
 MAX_TOKENS = 65_536
-SAMPLE_RATE_RANGE = (4_000, 768_000)
+SAMPLE_RATE_RANGE = frontend_lib.SAMPLE_RATE_RANGE  # one definition, in the front-end
 
 
 class SpecError(ValueError):
