@@ -61,7 +61,8 @@ def cmd_train(args, extra):
 
 def cmd_data_ingest(args, extra):
   from data_pipelines import ingest
-  _print_json(ingest.ingest(args.input, args.out, min_seconds=args.min_seconds))
+  _print_json(ingest.ingest(args.input, args.out, min_seconds=args.min_seconds,
+                            overwrite=args.overwrite))
 
 
 def cmd_data_offline(args, extra):
@@ -71,7 +72,7 @@ def cmd_data_offline(args, extra):
 
 
 def cmd_data_baselines(args, extra):
-  from data_pipelines.offline import baselines
+  from pupujepa_jax import baselines
   print(baselines.format_scores(baselines.compute_baselines(args.tasks, args.out,
                                                             seed=args.seed)))
 
@@ -160,7 +161,8 @@ def cmd_embed(args, extra):
   meta = inference.embed_folder(model, args.input, args.out, readout=args.readout,
                                 layers=parse_layers(args.layers),
                                 window_seconds=args.window_seconds,
-                                hop_seconds=args.hop_seconds, progress=not args.no_progress)
+                                hop_seconds=args.hop_seconds, progress=not args.no_progress,
+                                overwrite=args.overwrite)
   _print_json({k: meta[k] for k in ("D", "L", "layer_names", "readout", "n_files", "failed",
                                     "model_id")})
   if not meta["n_files"]:
@@ -227,6 +229,8 @@ def _add_data_commands(sub) -> None:
   p.add_argument("--input", required=True)
   p.add_argument("--out", required=True)
   p.add_argument("--min_seconds", type=float, default=1.0)
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace a dataset in --out that was ingested from another folder")
   p.set_defaults(func=cmd_data_ingest)
   p = dsub.add_parser("offline", help="render the offline music corpus and probe tasks")
   p.add_argument("--out", required=True)
@@ -312,6 +316,9 @@ def _add_inference_commands(sub) -> None:
   p.add_argument("--short_policy", default="loop", choices=["loop", "pad"])
   p.add_argument("--batch_size", type=int, default=8, help="windows per batch")
   p.add_argument("--no_progress", action="store_true")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace another model's features in --out (only the files its "
+                      "meta.json lists are removed)")
   p.set_defaults(func=cmd_embed)
 
   p = sub.add_parser("probe", help="MARBLE-protocol probe on exported features")

@@ -83,20 +83,19 @@ def embed_tasks(out: pathlib.Path, model_dirs: dict, tasks: list[str]) -> dict:
         model = model or inference.load(model_dir, batch_size=16)
         # Paths in labels.csv are relative to the task folder (audio/<clip>.wav).
         meta = inference.embed_folder(model, out / "data" / "tasks" / task, feat_dir,
-                                      readout="freqcat", progress=False)
+                                      readout="freqcat", progress=False, overwrite=True)
         meta_file.write_text(json.dumps(dict(meta, step=step), indent=1))
       features[(name, task)] = feat_dir
   return features
 
 
 def baseline_features(out: pathlib.Path, tasks: list[str]) -> dict:
-  from data_pipelines.offline import baselines
+  from pupujepa_jax import baselines
   features = {}
   for task in tasks:
     task_out = out / "baselines" / task
-    if not (task_out / "done").exists():
-      baselines.extract_task(str(out / "data" / "tasks" / task), str(task_out))
-      (task_out / "done").write_text("ok")
+    # Reuses the clips' features of an earlier run; rewrites meta.json in today's layout.
+    baselines.extract_task(str(out / "data" / "tasks" / task), str(task_out))
     for feature_set in baselines.FEATURE_SETS:
       features[(f"baseline_{feature_set}", task)] = task_out / feature_set
   return features

@@ -7,14 +7,18 @@ LayerNorm), and `"final"` = the output after the final LayerNorm, which is the r
 embedding (what the release's own inference publishes). `layers="final",
 readout="mean"` on a 10.24 s clip gives one [1, 1, D] array: the mean over tokens of
 the release's teacher output. `embed_folder` writes SPEC section 6's MARBLE layout
-(`<out>/<relpath>.npy` + `meta.json`, which names the layers).
+(`<out>/<relpath>.npy` + `meta.json`, which names the layers and lists the files; the
+layout is `pupujepa_jax.features`).
 
 Windows are exactly the model's window length (RoPE positions are normalised to the
 grid extent, so another length would shift every position). A clip shorter than one
 window is looped (or zero-padded); a longer clip is cut every `hop` seconds and, if the
 windows do not reach its end, one last window is aligned to the end. Windows of many
 files are batched together in fixed-size batches (the last one padded) so nothing
-recompiles, and each batch is split over all local devices.
+recompiles, and each batch is split over all local devices. `embed_folder` streams each
+file (`audio.stream_audio`, `iter_windows`): it holds one batch of windows and one block
+of audio, never a whole file's waveform, so memory does not grow with the file's length
+(only its features, a few KB per window, are kept until the file is written).
 
 Readouts: `freqcat` concatenates the W frequency tokens of each 25 Hz time step
 (W * D features) and averages over time; `mean` averages all tokens (D features).
@@ -22,14 +26,15 @@ Readouts: `freqcat` concatenates the W frequency tokens of each 25 Hz time step
 from __future__ import annotations
 
 import dataclasses
-import json
+import itertools
 import pathlib
+from typing import Iterable, Iterator
 
 import jax
 import numpy as np
 
 from data_pipelines import audio
-from pupujepa_jax import export, frontend, models, sharding
+from pupujepa_jax import export, features, frontend, models, sharding
 
 READOUTS = ("freqcat", "mean")
 SHORT_POLICIES = audio.SHORT_POLICIES
@@ -57,6 +62,36 @@ def split_windows(wave: np.ndarray, window: int, hop: int,
   if wave.shape[0] < window:
     return audio.take_crop(wave, 0, window, short_policy)[None]
   return np.stack([wave[s:s + window] for s in window_starts(wave.shape[0], window, hop)])
+
+
+def iter_windows(blocks: Iterable[np.ndarray], window: int, hop: int,
+                 short_policy: str = "loop") -> Iterator[np.ndarray]:
+  """The windows `split_windows` cuts from the concatenated `blocks`, cut as they arrive.
+
+  Holds at most one window plus one block of samples, whatever the clip's length.
+  """
+  if hop <= 0:
+    raise ValueError(f"hop of {hop} samples must be positive")
+  held = np.zeros(0, np.float32)
+  held_from = 0        # clip position of held[0]
+  received = 0
+  next_start, last_start = 0, None
+  for block in blocks:
+    held = np.concatenate([held, np.asarray(block, np.float32)])
+    received += len(block)
+    while next_start + window <= received:
+      yield held[next_start - held_from:next_start - held_from + window].copy()
+      last_start, next_start = next_start, next_start + hop
+    # Keep what the next window needs, and the last `window` samples for an end-aligned
+    # window if the clip ends here.
+    keep_from = max(held_from, min(next_start, received - window))
+    held, held_from = held[keep_from - held_from:], keep_from
+  if received == 0:
+    raise ValueError("expected a non-empty mono waveform, got no samples")
+  if received < window:
+    yield audio.take_crop(held, 0, window, short_policy)
+  elif last_start + window < received:
+    yield held[-window:].copy()
 
 
 def readout(tokens, grid: tuple[int, int], kind: str):
@@ -205,6 +240,12 @@ class Model:
     return split_windows(wave, self.window_samples, self.hop_samples(hop_seconds),
                          self.short_policy)
 
+  def file_windows(self, path, hop_seconds: float | None = None) -> Iterator[np.ndarray]:
+    """The windows of an audio file, decoded as a stream (see `iter_windows`); raises
+    audio.AudioDecodeError naming the file, possibly after some windows."""
+    return iter_windows(audio.stream_audio(path, self.sample_rate), self.window_samples,
+                        self.hop_samples(hop_seconds), self.short_policy)
+
   def hop_samples(self, hop_seconds: float | None) -> int:
     """Window hop in samples: the window length by default; bounded to [1/100 s, window]."""
     if hop_seconds is None:
@@ -247,11 +288,13 @@ def _relpaths(input_path: pathlib.Path):
 
 def embed_folder(model: Model, input_path, out, readout: str = "freqcat", layers="all",
                  window_seconds: float | None = None, hop_seconds: float | None = None,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, overwrite: bool = False) -> dict:
   """Embed every audio file under `input_path` into `out` (MARBLE layout); returns meta.
 
   Files that cannot be decoded are listed in meta["failed"] with the reason; the others
-  are embedded. Windows of consecutive files share batches.
+  are embedded and listed in meta["files"]. Windows of consecutive files share batches.
+  A folder holding another model's features is refused unless `overwrite` (then only the
+  files its meta.json lists are removed; see `features.open_folder`).
   """
   if window_seconds is not None and abs(window_seconds - model.window_seconds) > 0.5 / \
       model.frontend.frames_per_second:
@@ -263,53 +306,7 @@ def embed_folder(model: Model, input_path, out, readout: str = "freqcat", layers
   input_path, out = pathlib.Path(input_path), pathlib.Path(out)
   files = _relpaths(input_path)
   chosen = select_layers(model.num_layers, layers)
-  hop_samples = model.hop_samples(hop_seconds)
-  hop = hop_samples / model.sample_rate
-  out.mkdir(parents=True, exist_ok=True)
-  failed, written = [], []
-  queue, owners = [], []  # pending windows and, per file with windows queued, its count
-
-  def flush(final: bool):
-    nonlocal queue
-    if not queue:
-      return
-    n_ready = len(queue) if final else len(queue) // model.batch_size * model.batch_size
-    if n_ready == 0:
-      return
-    feats = model.embed_windows(np.stack(queue[:n_ready]), readout, chosen)
-    queue = queue[n_ready:]
-    offset = 0
-    while owners and offset + owners[0][1] - owners[0][2] <= n_ready:
-      index, total, done, parts = owners.pop(0)
-      take = total - done
-      parts.append(feats[:, offset:offset + take])
-      offset += take
-      _write(out, files[index][1], np.concatenate(parts, axis=1))
-      written.append(str(files[index][1]))
-    if owners and offset < n_ready:  # a file whose windows straddle this batch
-      owners[0][3].append(feats[:, offset:n_ready])
-      owners[0][2] += n_ready - offset
-
-  bar = None
-  if progress:
-    from tqdm import tqdm
-    bar = tqdm(total=len(files), desc="embed", unit="file")
-  try:
-    decoded = audio.decode_files([path for path, _ in files], model.sample_rate)
-    for index, (_, wave) in enumerate(decoded):
-      if isinstance(wave, audio.AudioDecodeError):
-        failed.append({"path": str(files[index][1]), "reason": wave.reason})
-      else:
-        windows = model.windows(wave, hop)
-        queue.extend(windows)
-        owners.append([index, len(windows), 0, []])
-        flush(final=False)
-      if bar is not None:
-        bar.update(1)
-    flush(final=True)
-  finally:
-    if bar is not None:
-      bar.close()
+  hop = model.hop_samples(hop_seconds) / model.sample_rate
   provenance = model.meta.get("provenance", {})
   meta = {"D": model.feature_dim(readout), "L": model.num_layers - 1,
           "layers": chosen, "layer_names": layer_names(model.num_layers, chosen),
@@ -318,14 +315,59 @@ def embed_folder(model: Model, input_path, out, readout: str = "freqcat", layers
           "sample_rate": model.sample_rate, "readout": readout, "model_id": model.model_id,
           "config_hash": provenance.get("config_hash"), "step": provenance.get("step"),
           "window_seconds": model.window_seconds, "hop_seconds": hop,
-          "short_policy": model.short_policy, "shape": "[layers, n_chunks, D]",
-          "n_files": len(written), "files": written, "failed": failed}
-  (out / "meta.json").write_text(json.dumps(meta, indent=2))
+          "short_policy": model.short_policy, "shape": "[layers, n_chunks, D]"}
+  features.open_folder(out, meta, overwrite)
+  failed, written = [], []
+  pending, owners = [], []  # windows waiting for a batch, and the file index of each
+  parts = {}                # file index -> features of its embedded windows
+  decoded = []              # files fully decoded but not yet written, in order
+
+  def run_batch():
+    feats = model.embed_windows(np.stack(pending), readout, chosen)
+    start = 0
+    for index, group in itertools.groupby(owners):
+      n = len(list(group))
+      parts.setdefault(index, []).append(feats[:, start:start + n])
+      start += n
+    pending.clear()
+    owners.clear()
+
+  def write_finished():
+    while decoded and decoded[0] not in owners:
+      index = decoded.pop(0)
+      features.write_features(out, files[index][1], np.concatenate(parts.pop(index), axis=1))
+      written.append(str(files[index][1]))
+
+  bar = None
+  if progress:
+    from tqdm import tqdm
+    bar = tqdm(total=len(files), desc="embed", unit="file")
+  try:
+    for index, (path, relpath) in enumerate(files):
+      try:
+        for window in model.file_windows(path, hop):
+          pending.append(window)
+          owners.append(index)
+          if len(pending) == model.batch_size:
+            run_batch()
+            write_finished()
+      except audio.AudioDecodeError as e:
+        failed.append({"path": str(relpath), "reason": e.reason})
+        parts.pop(index, None)
+        while owners and owners[-1] == index:  # its windows are the newest
+          pending.pop()
+          owners.pop()
+      else:
+        decoded.append(index)
+        write_finished()
+      if bar is not None:
+        bar.update(1)
+    if pending:
+      run_batch()
+    write_finished()
+  finally:
+    if bar is not None:
+      bar.close()
+  meta.update(n_files=len(written), files=written, failed=failed)
+  features.write_meta(out, meta)
   return meta
-
-
-def _write(out: pathlib.Path, relpath: pathlib.Path, feats: np.ndarray) -> None:
-  target = out / (str(relpath) + ".npy")
-  target.parent.mkdir(parents=True, exist_ok=True)
-  np.save(target, feats.astype(np.float32))
-

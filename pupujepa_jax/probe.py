@@ -1,8 +1,8 @@
 """MARBLE-protocol probes on exported features, in JAX and optax (SPEC section 7).
 
-Reads the probe export layout of SPEC section 6 (`<features_dir>/<path>.npy` of shape
-[L + 1, n_chunks, D] per audio file, plus `meta.json`) and a `labels.csv` with columns
-`path,label,split`, then trains the MARBLE v2 probe: a layer choice (one layer K, or a
+Reads a feature folder (SPEC section 6, `pupujepa_jax.features`: `<path>.npy` of shape
+[L + 1, n_chunks, D] per audio file, only the files its `meta.json` lists) and a
+`labels.csv` (`pupujepa_jax.labels`: columns `path,label,split`), then trains the MARBLE v2 probe: a layer choice (one layer K, or a
 learned softmax-weighted sum over all layers), then an MLP (one hidden layer of 512, ReLU,
 dropout 0.2) or a strictly linear map; Adam, ReduceLROnPlateau (factor 0.5, patience 3)
 and early stopping on the validation metric, batch 64, an optional learning-rate grid.
@@ -19,7 +19,6 @@ across epochs or across the learning-rate grid.
 """
 from __future__ import annotations
 
-import csv
 import functools
 import json
 import os
@@ -31,7 +30,7 @@ import numpy as np
 import optax
 from sklearn import metrics as skm
 
-from pupujepa_jax import labels
+from pupujepa_jax import features, labels
 
 MAIN_METRIC = {"multiclass": "accuracy", "multilabel": "roc_auc", "regression": "r2",
                "key": "weighted_score"}
@@ -41,7 +40,7 @@ PROBES = ("mlp", "linear")
 # set alike: a few hundred clips need MARBLE's optional learning-rate grid.
 SMALL_DATA_PROTOCOL = dict(probe="mlp", layer="all", lr=(1e-3, 5e-3), max_epochs=100,
                            patience=10)
-SPLITS = ("train", "valid", "test")
+SPLITS = labels.SPLITS
 HIDDEN = 512
 DROPOUT = 0.2
 PLATEAU_FACTOR = 0.5
@@ -54,21 +53,11 @@ _STD_FLOOR = 1e-6
 
 # ----------------------------------------------------------------------------- loading
 
-def _read_labels(labels_csv: str) -> list[dict]:
-  """Rows of labels.csv as dicts with `path`, `label`, `split`, checked."""
-  with open(labels_csv, newline="") as f:
-    reader = csv.DictReader(f)
-    missing = {"path", "label", "split"} - set(reader.fieldnames or ())
-    if missing:
-      raise ValueError(f"{labels_csv}: missing column(s) {sorted(missing)}; "
-                       "expected path,label,split")
-    rows = list(reader)
-  for i, row in enumerate(rows, start=2):
-    if row["split"] not in SPLITS:
-      raise ValueError(f"{labels_csv} line {i}: split {row['split']!r} is not one of "
-                       f"{SPLITS}")
+def _read_labels(labels_csv: str) -> list[labels.LabelRow]:
+  """Rows of labels.csv (see `labels.read_labels_csv`); every split must have clips."""
+  rows = labels.read_labels_csv(labels_csv)
   for split in SPLITS:
-    if not any(r["split"] == split for r in rows):
+    if not any(r.split == split for r in rows):
       raise ValueError(f"{labels_csv}: split {split!r} is empty")
   return rows
 
@@ -90,43 +79,40 @@ def load_split_features(features_dir: str, labels_csv: str, layer="all") -> dict
   """Loads the features of every labelled clip, grouped by split.
 
   Args:
-    features_dir: the export folder (`<path>.npy` per audio file, `meta.json`).
+    features_dir: a feature folder (`pupujepa_jax.features`): only the files its
+      meta.json lists are read.
     labels_csv: csv with columns path,label,split.
     layer: "all", or a layer index K (int or digit string; 0 = patch embedding output).
 
   Returns:
-    {"meta": meta.json contents (or {}), "layers": selected layer indices,
+    {"meta": meta.json contents, "layers": selected layer indices,
      "splits": {split: {"x": float32 [n_chunks_total, n_selected_layers, D],
                         "clip": int32 [n_chunks_total] (clip index within the split),
                         "paths": [str] per clip, "labels": [str] per clip}}}
+
+  Raises:
+    ValueError naming the file: a clip not listed in meta.json, a missing file, a shape
+    unlike the others, NaN/Inf values.
   """
   rows = _read_labels(labels_csv)
-  meta_path = os.path.join(features_dir, "meta.json")
-  meta = {}
-  if os.path.exists(meta_path):
-    with open(meta_path) as f:
-      meta = json.load(f)
+  meta = features.require_meta(features_dir)
   layers, shape_ref = None, None
   parts = {s: {"x": [], "clip": [], "paths": [], "labels": []} for s in SPLITS}
   for row in rows:
-    feat_path = os.path.join(features_dir, row["path"] + ".npy")
-    if not os.path.exists(feat_path):
-      raise ValueError(f"missing feature file {feat_path} for labels.csv path {row['path']!r}")
-    arr = np.load(feat_path, mmap_mode="r")
-    if arr.ndim != 3 or arr.shape[1] == 0:
-      raise ValueError(f"{feat_path}: expected shape [L+1, n_chunks>0, D], got {arr.shape}")
+    arr = features.read_features(features_dir, row.path, meta)
+    feat_path = features.feature_file(features_dir, row.path)
     if shape_ref is None:
       shape_ref = (arr.shape[0], arr.shape[2], feat_path)
       layers = _layer_indices(layer, arr.shape[0], feat_path)
     elif (arr.shape[0], arr.shape[2]) != shape_ref[:2]:
       raise ValueError(f"{feat_path}: shape {arr.shape} disagrees with {shape_ref[2]} "
                        f"([{shape_ref[0]}, n_chunks, {shape_ref[1]}])")
-    part = parts[row["split"]]
+    part = parts[row.split]
     # [layers, chunks, D] -> [chunks, layers, D]: chunks are the examples.
     part["x"].append(np.asarray(arr[layers], dtype=np.float32).transpose(1, 0, 2))
     part["clip"].append(np.full(arr.shape[1], len(part["paths"]), dtype=np.int32))
-    part["paths"].append(row["path"])
-    part["labels"].append(row["label"])
+    part["paths"].append(row.path)
+    part["labels"].append(row.label)
   splits = {s: {"x": np.concatenate(p["x"]), "clip": np.concatenate(p["clip"]),
                 "paths": p["paths"], "labels": p["labels"]} for s, p in parts.items()}
   return {"meta": meta, "layers": layers, "splits": splits}
@@ -143,7 +129,7 @@ def _key_index(label: str) -> int:
   return tonic + (12 if mode == "minor" else 0)
 
 
-def encode_targets(task: str, labels: dict[str, list[str]]) -> tuple[dict, list[str]]:
+def encode_targets(task: str, split_labels: dict[str, list[str]]) -> tuple[dict, list[str]]:
   """Per-clip targets for each split, and the class (or target) names.
 
   multiclass: int class indices (classes from train); key: int indices into
@@ -152,7 +138,7 @@ def encode_targets(task: str, labels: dict[str, list[str]]) -> tuple[dict, list[
   """
   if task == "key":
     out = {}
-    for split, labs in labels.items():
+    for split, labs in split_labels.items():
       idx = []
       for lab in labs:
         try:
@@ -163,9 +149,9 @@ def encode_targets(task: str, labels: dict[str, list[str]]) -> tuple[dict, list[
     return out, list(KEY_CLASSES)
   if task == "regression":
     out, n_targets = {}, None
-    for split, labs in labels.items():
+    for split, labs in split_labels.items():
       try:
-        vals = [[float(v) for v in lab.split(";")] for lab in labs]
+        vals = [[float(v) for v in lab.split(labels.LABEL_SEPARATOR)] for lab in labs]
       except ValueError:
         raise ValueError(f"non-numeric regression target in split {split!r}") from None
       for lab, v in zip(labs, vals):
@@ -177,8 +163,9 @@ def encode_targets(task: str, labels: dict[str, list[str]]) -> tuple[dict, list[
     return out, [f"target{i}" for i in range(n_targets)]
   if task not in ("multiclass", "multilabel"):
     raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-  split_tags = {s: [[t.strip() for t in lab.split(";")] if task == "multilabel"
-                    else [lab.strip()] for lab in labs] for s, labs in labels.items()}
+  split_tags = {s: [[t.strip() for t in lab.split(labels.LABEL_SEPARATOR)]
+                    if task == "multilabel"
+                    else [lab.strip()] for lab in labs] for s, labs in split_labels.items()}
   classes = sorted({t for tags in split_tags["train"] for t in tags if t})
   index = {c: i for i, c in enumerate(classes)}
   out = {}

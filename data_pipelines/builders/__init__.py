@@ -22,6 +22,7 @@ from data_pipelines.builders.mtg_jamendo import MarbleMtgJamendo
 from data_pipelines.builders.mtt import MarbleMtt
 from data_pipelines.builders.nsynth import MarbleNsynth
 from data_pipelines.builders.vocalset import MarbleVocalset
+from pupujepa_jax import labels as labels_lib
 
 BUILDERS: dict[str, type[base.MarbleBuilder]] = {
     "gtzan": MarbleGtzan,
@@ -101,4 +102,4 @@ def write_labels_csv(source, out_csv, *, dataset: str | None = None,
   base.require_dir(manual_dir, f"{cls.name} manual dir")
   labels = (label,) if label else cls.csv_labels(config)
   rows = base.labels_rows(cls.list_examples(manual_dir, config), labels)
-  return base.write_rows(rows, out_csv)
+  return labels_lib.write_labels_csv(rows, out_csv)

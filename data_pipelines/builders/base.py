@@ -2,7 +2,7 @@
 
 Every builder reads a user's local copy of a dataset (the TFDS "manual dir"), lists its
 clips with MARBLE's labels and splits (`train`, `valid`, `test`), and writes the
-project's dataset conventions (see `data_pipelines.ingest`): features `audio` (int16 PCM,
+project's dataset format (see `data_pipelines.dataset_format`): features `audio` (int16 PCM,
 24 kHz mono, whole clip), `path` (relative to the manual dir), `duration`, plus label
 features; `sample_rate` in the metadata; read back with `builder.as_data_source()`, no
 TensorFlow needed. Labels use `ClassLabel`, `Sequence(ClassLabel)` and `Scalar` features,
@@ -10,11 +10,10 @@ which work without TensorFlow (`tfds.features.Audio` does not, hence the plain T
 
 A dataset module defines a `MarbleBuilder` subclass whose `list_examples(manual_dir,
 config)` is pure file parsing (no audio decoding); `write_labels_csv` reuses it to write
-the `path,label,split` table read by `pupujepa probe`.
+the `path,label,split` table read by `pupujepa probe` (format: `pupujepa_jax.labels`).
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import hashlib
 import os
@@ -24,11 +23,11 @@ from typing import Sequence
 import tensorflow_datasets as tfds
 
 from data_pipelines import audio as audio_lib
-from data_pipelines import ingest
+from data_pipelines import dataset_format
+from pupujepa_jax import labels as labels_lib
 
-SAMPLE_RATE = ingest.SAMPLE_RATE
-SPLITS = ("train", "valid", "test")
-LABEL_SEPARATOR = ";"
+SAMPLE_RATE = dataset_format.SAMPLE_RATE
+SPLITS = labels_lib.SPLITS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +121,7 @@ class MarbleBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     return self.builder_config.name if self.builder_config else None
 
   def _info(self) -> tfds.core.DatasetInfo:
-    features = dict(ingest.audio_features().items())
+    features = dict(dataset_format.audio_features().items())
     features.update(self.label_features())
     return tfds.core.DatasetInfo(
         builder=self, description=self.DESCRIPTION,
@@ -150,13 +149,13 @@ class MarbleBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     for example, (_, wave) in zip(examples, decoded):
       if isinstance(wave, audio_lib.AudioDecodeError):
         raise wave
-      yield example.path, {"audio": ingest.to_int16(wave), "path": example.path,
+      yield example.path, {"audio": dataset_format.to_int16(wave), "path": example.path,
                            "duration": wave.shape[0] / SAMPLE_RATE, **example.labels}
 
 
 def _format_value(value) -> str:
   if isinstance(value, (list, tuple)):
-    return LABEL_SEPARATOR.join(_format_value(v) for v in value)
+    return labels_lib.LABEL_SEPARATOR.join(_format_value(v) for v in value)
   return str(value)
 
 
@@ -167,19 +166,10 @@ def labels_rows(listing: Listing, labels: Sequence[str]) -> list[tuple[str, str,
     missing = [name for name in labels if name not in e.labels]
     if missing:
       raise KeyError(f"{e.path}: no label {missing[0]!r} (has {sorted(e.labels)})")
-    rows.append((e.path, LABEL_SEPARATOR.join(_format_value(e.labels[n]) for n in labels),
+    rows.append((e.path, labels_lib.LABEL_SEPARATOR.join(_format_value(e.labels[n])
+                                                         for n in labels),
                  e.split))
   return rows
-
-
-def write_rows(rows, out_csv) -> pathlib.Path:
-  out_csv = pathlib.Path(out_csv)
-  out_csv.parent.mkdir(parents=True, exist_ok=True)
-  with open(out_csv, "w", newline="") as f:
-    writer = csv.writer(f)
-    writer.writerow(("path", "label", "split"))
-    writer.writerows(rows)
-  return out_csv
 
 
 class TagsBuilder(MarbleBuilder, skip_registration=True):

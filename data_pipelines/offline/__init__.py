@@ -12,11 +12,10 @@ Everything random comes from generators seeded by (seed, purpose, index) in the 
 process, so the files do not depend on the worker count or scheduling. The build is
 cached: a finished build with the same arguments returns its summary at once, and an
 interrupted one re-renders only the files it lacks. Test-split pieces of the tasks never
-appear in the corpus. `compute_baselines` scores hand-crafted features on the tasks.
+appear in the corpus. `pupujepa_jax.baselines` scores hand-crafted features on the tasks.
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import multiprocessing
@@ -30,14 +29,9 @@ from data_pipelines.offline import corpus
 from data_pipelines.offline import render
 from data_pipelines.offline import tasks as tasks_lib
 from data_pipelines.offline.tasks import TASK_INFO, TASKS
+from pupujepa_jax import labels
 
-__all__ = ["build_offline", "compute_baselines", "TASK_INFO", "TASKS"]
-
-
-def compute_baselines(tasks_dir: str, out_dir: str | None = None, seed: int = 0) -> dict:
-  """See `baselines.compute_baselines` (imported lazily: it needs librosa and JAX)."""
-  from data_pipelines.offline import baselines
-  return baselines.compute_baselines(tasks_dir, out_dir, seed)
+__all__ = ["build_offline", "TASK_INFO", "TASKS"]
 
 # Bump when the construction changes, so old caches are not reused.
 BUILD_VERSION = 1
@@ -221,11 +215,8 @@ def build_offline(out_dir: str, hours: float = 2.0, seed: int = 0, num_workers: 
   for t in tasks:
     task_dir = os.path.join(out_dir, "tasks", t)
     rows = [s for s in specs[t] if ok(("task", s, None, os.path.join(task_dir, s["name"])))]
-    os.makedirs(task_dir, exist_ok=True)
-    with open(os.path.join(task_dir, "labels.csv"), "w", newline="") as f:
-      writer = csv.writer(f)
-      writer.writerow(["path", "label", "split"])
-      writer.writerows([s["name"], s["label"], s["split"]] for s in rows)
+    labels.write_labels_csv([(s["name"], s["label"], s["split"]) for s in rows],
+                            os.path.join(task_dir, labels.LABELS_FILE))
     files += [os.path.join("tasks", t, s["name"]) for s in rows]
     summary_tasks[t] = dict(
         examples=len(rows), bytes=_dir_bytes(task_dir),

@@ -159,7 +159,10 @@ def parse_source(source) -> Piece:
   piece_id, score = source
   try:
     if isinstance(score, (str, os.PathLike)):
-      score = render.require("music21").converter.parse(score)
+      # forceSource: music21 would otherwise load (and write) a pickle of the parsed score
+      # in $TMPDIR/music21, a predictable folder anyone on the machine can write to, and
+      # unpickling a planted file runs its code.
+      score = render.require("music21").converter.parse(score, forceSource=True)
     return extract_piece(score, piece_id)
   except ScoreError:
     raise

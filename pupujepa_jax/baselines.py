@@ -3,23 +3,27 @@
 Three feature sets per clip, each the mean and standard deviation over time of a frame
 feature: `logmel` (the project front-end, `pupujepa_jax.frontend.log_mel_np`, 256-d),
 `chroma` (librosa STFT chroma, 24-d) and `mfcc` (librosa, 20 coefficients, 40-d). They are
-written in the embedding export layout of SPEC section 6 (one `<path>.npy` of shape
+written in the feature-folder layout (`pupujepa_jax.features`: one `<path>.npy` of shape
 [L + 1 = 1, n_chunks = 1, D] per clip, plus `meta.json`), so they are probed by
 `pupujepa_jax.probe.probe_features` exactly like model embeddings.
+
+This is library code (it runs the probe); the tasks it scores come from
+`data_pipelines.offline`, which knows nothing of the probe.
 """
 from __future__ import annotations
 
-import csv
 import json
 import os
 
+import librosa
 import numpy as np
 
-from data_pipelines.offline import render
+from data_pipelines import audio
 from data_pipelines.offline.tasks import TASK_INFO
-from pupujepa_jax import frontend
+from pupujepa_jax import features, frontend, labels, probe
 
 FEATURE_SETS = ("logmel", "chroma", "mfcc")
+LABELS_FILE = labels.LABELS_FILE
 # Frame rates of the feature sets (frames per second at 24 kHz).
 _CHROMA_FFT, _CHROMA_HOP = 4096, 1200
 _MFCC_FFT, _MFCC_HOP, _N_MFCC = 1024, 240, 20
@@ -32,54 +36,47 @@ def _mean_std(frames: np.ndarray, axis: int) -> np.ndarray:
   return np.concatenate([frames.mean(axis), frames.std(axis)]).astype(np.float32)
 
 
-def clip_features(audio: np.ndarray, sample_rate: int = frontend.SAMPLE_RATE) -> dict:
+def clip_features(wave: np.ndarray, sample_rate: int = frontend.SAMPLE_RATE) -> dict:
   """{feature set: float32 [D]} for one mono clip at 24 kHz."""
   if sample_rate != frontend.SAMPLE_RATE:
     raise ValueError(f"baselines expect {frontend.SAMPLE_RATE} Hz audio, got {sample_rate}")
-  librosa = render.require("librosa")
-  audio = np.asarray(audio, np.float32)
-  chroma = librosa.feature.chroma_stft(y=audio, sr=sample_rate, n_fft=_CHROMA_FFT,
+  wave = np.asarray(wave, np.float32)
+  chroma = librosa.feature.chroma_stft(y=wave, sr=sample_rate, n_fft=_CHROMA_FFT,
                                        hop_length=_CHROMA_HOP)
-  mfcc = librosa.feature.mfcc(y=audio, sr=sample_rate, n_mfcc=_N_MFCC, n_fft=_MFCC_FFT,
+  mfcc = librosa.feature.mfcc(y=wave, sr=sample_rate, n_mfcc=_N_MFCC, n_fft=_MFCC_FFT,
                               hop_length=_MFCC_HOP)
-  return {"logmel": _mean_std(frontend.log_mel_np(audio), 0),
+  return {"logmel": _mean_std(frontend.log_mel_np(wave), 0),
           "chroma": _mean_std(chroma, 1), "mfcc": _mean_std(mfcc, 1)}
 
 
-def _read_paths(labels_csv: str) -> list[str]:
-  with open(labels_csv, newline="") as f:
-    reader = csv.DictReader(f)
-    if reader.fieldnames is None or "path" not in reader.fieldnames:
-      raise ValueError(f"{labels_csv}: no 'path' column")
-    return [row["path"] for row in reader]
+def _meta(feature_set: str) -> dict:
+  """What the features of `feature_set` are (their identity in `features.open_folder`)."""
+  return dict(L=0, token_rate=TOKEN_RATE[feature_set], sample_rate=frontend.SAMPLE_RATE,
+              readout="mean_std_over_time", model_id=f"baseline-{feature_set}")
 
 
 def extract_task(task_dir: str, out_dir: str) -> dict[str, int]:
   """Writes <out_dir>/<feature set>/<path>.npy and meta.json for one task; returns D's.
 
-  Clips whose three feature files already exist are not recomputed.
+  Clips whose three feature files exist from an earlier run are not recomputed; a folder
+  holding other features is refused (see `features.open_folder`).
   """
-  import soundfile
+  rows = labels.read_labels_csv(os.path.join(task_dir, LABELS_FILE))
+  folders = {fs: os.path.join(out_dir, fs) for fs in FEATURE_SETS}
+  for fs, folder in folders.items():
+    features.open_folder(folder, _meta(fs))
   dims = {}
-  for rel in _read_paths(os.path.join(task_dir, "labels.csv")):
-    targets = {fs: os.path.join(out_dir, fs, rel + ".npy") for fs in FEATURE_SETS}
-    if all(os.path.isfile(p) for p in targets.values()):
+  for row in rows:
+    targets = {fs: features.feature_file(folder, row.path) for fs, folder in folders.items()}
+    if all(p.is_file() for p in targets.values()):
       dims = {fs: int(np.load(p, mmap_mode="r").shape[-1]) for fs, p in targets.items()}
       continue
-    path = os.path.join(task_dir, rel)
-    try:
-      audio, sr = soundfile.read(path, dtype="float32", always_2d=True)
-    except Exception as e:
-      raise ValueError(f"cannot read task clip {path}: {e}") from e
-    for fs, feat in clip_features(audio.mean(1), sr).items():
-      os.makedirs(os.path.dirname(targets[fs]), exist_ok=True)
-      np.save(targets[fs], feat[None, None, :])
+    wave = audio.load_audio(os.path.join(task_dir, row.path), frontend.SAMPLE_RATE)
+    for fs, feat in clip_features(wave).items():
+      features.write_features(folders[fs], row.path, feat[None, None, :])
       dims[fs] = int(feat.shape[-1])
   for fs, d in dims.items():
-    meta = dict(D=d, L=0, token_rate=TOKEN_RATE[fs], sample_rate=frontend.SAMPLE_RATE,
-                readout="mean_std_over_time", model_id=f"baseline-{fs}")
-    with open(os.path.join(out_dir, fs, "meta.json"), "w") as f:
-      json.dump(meta, f, indent=1)
+    features.write_meta(folders[fs], dict(_meta(fs), D=d, files=[r.path for r in rows]))
   return dims
 
 
@@ -97,12 +94,11 @@ def compute_baselines(tasks_dir: str, out_dir: str | None = None, seed: int = 0)
   Returns:
     {task: {feature set: test metrics}}, e.g. {"key": {"chroma": {"weighted_score": ..}}}.
   """
-  from pupujepa_jax import probe  # JAX is only needed once features exist.
   tasks_dir = os.path.abspath(tasks_dir)
   if out_dir is None:
     out_dir = os.path.join(os.path.dirname(tasks_dir), "baselines")
   names = sorted(d for d in os.listdir(tasks_dir)
-                 if os.path.isfile(os.path.join(tasks_dir, d, "labels.csv")))
+                 if os.path.isfile(os.path.join(tasks_dir, d, LABELS_FILE)))
   if not names:
     raise ValueError(f"{tasks_dir}: no task folder with a labels.csv")
   unknown = [t for t in names if t not in TASK_INFO]
@@ -115,7 +111,7 @@ def compute_baselines(tasks_dir: str, out_dir: str | None = None, seed: int = 0)
     scores[task] = {}
     for fs in FEATURE_SETS:
       result = probe.probe_features(os.path.join(task_out, fs),
-                                    os.path.join(tasks_dir, task, "labels.csv"),
+                                    os.path.join(tasks_dir, task, LABELS_FILE),
                                     TASK_INFO[task].type, seed=seed,
                                     **probe.SMALL_DATA_PROTOCOL)
       scores[task][fs] = result["test"]
