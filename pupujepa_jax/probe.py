@@ -2,10 +2,11 @@
 
 Reads a feature folder (SPEC section 6, `pupujepa_jax.features`: `<path>.npy` of shape
 [L + 1, n_chunks, D] per audio file, only the files its `meta.json` lists) and a
-`labels.csv` (`pupujepa_jax.labels`: columns `path,label,split`), then trains the MARBLE v2 probe: a layer choice (one layer K, or a
-learned softmax-weighted sum over all layers), then an MLP (one hidden layer of 512, ReLU,
-dropout 0.2) or a strictly linear map; Adam, ReduceLROnPlateau (factor 0.5, patience 3)
-and early stopping on the validation metric, batch 64, an optional learning-rate grid.
+`labels.csv` (`pupujepa_jax.labels`: columns `path,label,split`), then trains the MARBLE
+v2 probe: a layer choice (one layer K, or a learned softmax-weighted sum over all layers),
+then an MLP (one hidden layer of 512, ReLU, dropout 0.2) or a strictly linear map; Adam,
+ReduceLROnPlateau (factor 0.5, patience 3) and early stopping on the validation metric,
+batch 64, an optional learning-rate grid.
 Chunks are separate training examples; their outputs are averaged per clip to evaluate.
 
 Tasks: `multiclass` (accuracy), `multilabel` (macro ROC-AUC and AP; `;` separates tags),

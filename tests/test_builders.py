@@ -10,7 +10,7 @@ import tensorflow_datasets as tfds
 
 from data_pipelines import audio as audio_lib
 from data_pipelines import builders
-from data_pipelines import ingest
+from data_pipelines import dataset_format
 from data_pipelines.builders import base
 from data_pipelines.builders import giantsteps_key
 from data_pipelines.builders import gtzan
@@ -73,7 +73,7 @@ def test_examples_labels_and_splits_match_the_files(prepared, name):
       got[path] = (split, _decoded_labels(builder, ex, label_names))
       if path == sorted(expected)[0]:
         # Whole clip, 24 kHz mono int16, exactly what load_audio decodes.
-        want = ingest.to_int16(audio_lib.load_audio(root / path, base.SAMPLE_RATE))
+        want = dataset_format.to_int16(audio_lib.load_audio(root / path, base.SAMPLE_RATE))
         assert ex["audio"].dtype == np.int16
         np.testing.assert_array_equal(ex["audio"], want)
         assert ex["duration"] == pytest.approx(want.shape[0] / base.SAMPLE_RATE)
@@ -102,6 +102,11 @@ def test_prepared_dataset_reloads_from_its_folder(prepared):
   assert len(source) == 2
   assert again.info.features["tags"].feature.names == marble.MTT_TAGS[:50]
   assert again.info.metadata["sample_rate"] == base.SAMPLE_RATE
+  # The pipeline's reader accepts the builders' label features and decodes the audio.
+  checked = dataset_format.load_data_source(builder.data_dir, "test")
+  for i in range(len(source)):
+    assert sorted(checked[i]) == ["audio", "duration", "path"]
+    np.testing.assert_array_equal(checked[i]["audio"], source[i]["audio"])
 
 
 def test_gtzan_filtered_split_has_the_published_sizes():

@@ -1,11 +1,16 @@
-"""Windowing, readouts and the MARBLE feature layout of `pupujepa embed`."""
+"""Windowing (whole and streamed), readouts and the MARBLE feature layout of
+`pupujepa embed`, which never mixes two models' features in one folder."""
 import json
+import shutil
 
 import jax
 import numpy as np
 import pytest
+import soundfile
+import soxr
 
-from pupujepa_jax import cli, config as config_lib, export, inference
+from data_pipelines import audio
+from pupujepa_jax import cli, config as config_lib, export, features, inference
 from tests import model_fixtures
 
 
@@ -24,6 +29,38 @@ def test_window_starts_cover_the_clip_and_end_aligned():
     inference.split_windows(np.zeros((10, 2)), 8, 8)
 
 
+@pytest.mark.parametrize("window,hop", [(10_000, 10_000), (10_000, 3_000), (24_000, 7_777),
+                                        (70_000, 70_000)])
+def test_streamed_windows_equal_whole_file_windows(tmp_path, window, hop):
+  # Stereo 44.1 kHz over many decoding blocks: equal to soundfile + downmix + soxr in one
+  # call, within the resampler's float tolerance.
+  stereo = model_fixtures.write_tone(tmp_path / "stereo.wav", 2.5, sample_rate=44_100,
+                                     channels=2)
+  data, rate = soundfile.read(stereo, dtype="float32")
+  whole = inference.split_windows(soxr.resample(data.mean(axis=1), rate, 24_000,
+                                                quality="HQ"), window, hop)
+  streamed = np.stack(list(inference.iter_windows(
+      audio.stream_audio(stereo, 24_000, block_frames=8_192), window, hop)))
+  assert streamed.shape == whole.shape
+  np.testing.assert_allclose(streamed, whole, atol=1e-6)
+  # Mono at 24 kHz: exactly the whole file's windows.
+  mono = model_fixtures.write_tone(tmp_path / "mono.wav", 2.5)
+  whole = inference.split_windows(soundfile.read(mono, dtype="float32")[0], window, hop)
+  streamed = np.stack(list(inference.iter_windows(
+      audio.stream_audio(mono, 24_000, block_frames=5_000), window, hop)))
+  np.testing.assert_array_equal(streamed, whole)
+
+
+@pytest.mark.parametrize("policy", ["loop", "pad"])
+def test_streamed_short_clip_is_looped_or_padded(tmp_path, policy):
+  clip = model_fixtures.write_tone(tmp_path / "short.wav", 0.2)
+  wave = soundfile.read(clip, dtype="float32")[0]
+  streamed = list(inference.iter_windows(audio.stream_audio(clip, 24_000, block_frames=1_000),
+                                         10_000, 10_000, policy))
+  np.testing.assert_array_equal(np.stack(streamed),
+                                inference.split_windows(wave, 10_000, 10_000, policy))
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
   cfg = model_fixtures.smoke_cfg()
@@ -31,6 +68,15 @@ def model_dir(tmp_path_factory):
   out = tmp_path_factory.mktemp("model")
   export.write_model_dir(out, params, config_lib.serving_spec(cfg), model_id="smoke-init",
                          source="test")
+  return out
+
+
+@pytest.fixture(scope="module")
+def other_model_dir(tmp_path_factory):
+  cfg = model_fixtures.smoke_cfg()
+  out = tmp_path_factory.mktemp("other_model")
+  export.write_model_dir(out, model_fixtures.init_encoder(cfg, 1),
+                         config_lib.serving_spec(cfg), model_id="smoke-other", source="test")
   return out
 
 
@@ -102,3 +148,47 @@ def test_embed_refuses_bad_arguments(model_dir, audio_dir, tmp_path):
     model.embed(np.zeros(24_000, np.float32), 24_000, hop_seconds=0.001)
   with pytest.raises(FileNotFoundError, match="does not exist"):
     inference.embed_folder(model, tmp_path / "nowhere", tmp_path, progress=False)
+
+
+def test_long_stereo_file_streams_through_batches(model_dir, tmp_path):
+  # 4 s of 44.1 kHz stereo: several decoding blocks, 7 windows over batches of 2.
+  root = tmp_path / "audio"
+  model_fixtures.write_tone(root / "long.wav", 4.0, sample_rate=44_100, channels=2, seed=5)
+  model_fixtures.write_tone(root / "next.wav", 1.0, freq=660.0, seed=6)
+  model = inference.load(model_dir, batch_size=2)
+  meta = inference.embed_folder(model, root, tmp_path / "feats", progress=False)
+  assert meta["files"] == ["long.wav", "next.wav"]
+  for name in meta["files"]:
+    wave, rate = soundfile.read(root / name, dtype="float32")
+    alone = model.embed(wave, rate)
+    np.testing.assert_allclose(np.load(tmp_path / "feats" / f"{name}.npy"), alone, atol=2e-5)
+  assert np.load(tmp_path / "feats" / "long.wav.npy").shape[1] == 7
+
+
+def test_another_models_folder_is_refused_unless_overwrite(model_dir, other_model_dir,
+                                                           audio_dir, tmp_path, capsys):
+  out = tmp_path / "feats"
+  assert cli.main(["embed", "--model", str(model_dir), "--input", str(audio_dir),
+                   "--out", str(out), "--no_progress"]) == 0
+  capsys.readouterr()
+  first = json.loads((out / "meta.json").read_text())
+  (out / "notes.txt").write_text("the user's")
+  np.save(out / "unlisted.wav.npy", np.zeros((1, 1, 1), np.float32))
+  subset = tmp_path / "subset"
+  subset.mkdir()
+  shutil.copy(audio_dir / "stereo.wav", subset / "stereo.wav")
+  argv = ["embed", "--model", str(other_model_dir), "--input", str(subset), "--out",
+          str(out), "--no_progress"]
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err
+  assert "holds features of model 'smoke-init'" in err and "--overwrite" in err
+  assert json.loads((out / "meta.json").read_text()) == first
+  assert cli.main(argv + ["--overwrite"]) == 0
+  meta = json.loads((out / "meta.json").read_text())
+  assert meta["model_id"] == "smoke-other" and meta["files"] == ["stereo.wav"]
+  # The old model's listed files are gone; nothing else was touched.
+  left = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+  assert left == ["meta.json", "notes.txt", "stereo.wav.npy", "unlisted.wav.npy"]
+  # The same model again needs no overwrite.
+  assert cli.main(argv) == 0
+  assert features.read_meta(out)["files"] == ["stereo.wav"]

@@ -3,7 +3,10 @@ import csv
 import hashlib
 import json
 import os
-import time
+import pathlib
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -13,6 +16,9 @@ from data_pipelines import offline
 from data_pipelines.offline import corpus
 from data_pipelines.offline import render
 from data_pipelines.offline import tasks as tasks_lib
+from pupujepa_jax import baselines
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
 
 HOURS = 0.01
 # Train then holds all 12 instrument families and 10 chord qualities (the probe needs
@@ -59,11 +65,12 @@ def test_two_builds_are_identical(builds):
 
 def test_second_call_is_cached(builds):
   a, _, summary_a, _ = builds
-  t0 = time.time()
+  files = sorted(p for p in pathlib.Path(a).rglob("*") if p.is_file())
+  mtimes = [p.stat().st_mtime_ns for p in files]
   again = offline.build_offline(a, hours=HOURS, seed=3, num_workers=2, progress=False,
                                 examples_per_task=EXAMPLES)
-  assert time.time() - t0 < 2.0
   assert again["cached"] is True
+  assert [p.stat().st_mtime_ns for p in files] == mtimes
   assert again["files"] == summary_a["files"]
   with open(os.path.join(a, "summary.json")) as f:
     assert json.load(f)["args_hash"] == summary_a["args_hash"]
@@ -114,9 +121,13 @@ def test_audio_is_24k_mono_finite_not_silent(builds):
   assert len(clip) == int(tasks_lib.SHORT_CLIP_SECONDS * 24_000)
 
 
-def _first_path(root, task):
+def _rows(root, task):
   with open(os.path.join(root, "tasks", task, "labels.csv"), newline="") as f:
-    return next(csv.DictReader(f))["path"]
+    return list(csv.DictReader(f))
+
+
+def _first_path(root, task):
+  return _rows(root, task)[0]["path"]
 
 
 def test_broken_scores_are_skipped_and_counted(tmp_path):
@@ -164,7 +175,7 @@ def test_baselines_write_export_layout_and_score(builds, tmp_path):
   for task in PROBED:
     os.symlink(os.path.join(a, "tasks", task), tasks_dir / task)
   out = str(tmp_path / "baselines")
-  scores = offline.compute_baselines(str(tasks_dir), out, seed=0)
+  scores = baselines.compute_baselines(str(tasks_dir), out, seed=0)
   assert set(scores) == set(PROBED)
   dims = {"logmel": 256, "chroma": 24, "mfcc": 40}
   for task in PROBED:
@@ -173,9 +184,46 @@ def test_baselines_write_export_layout_and_score(builds, tmp_path):
       with open(os.path.join(out, task, fs, "meta.json")) as f:
         meta = json.load(f)
       assert meta["D"] == d and meta["L"] == 0 and meta["sample_rate"] == 24_000
+      assert meta["files"] == [r["path"] for r in _rows(a, task)]
       feat = np.load(os.path.join(out, task, fs, _first_path(a, task) + ".npy"))
       assert feat.shape == (1, 1, d) and np.all(np.isfinite(feat))
       assert set(info.metrics) <= set(scores[task][fs])
       assert np.isfinite(scores[task][fs][info.main_metric])
   with open(os.path.join(out, "scores.json")) as f:
     assert json.load(f) == json.loads(json.dumps(scores))
+
+
+# Run in a child with a private TMPDIR: music21's pickle cache is $TMPDIR/music21.
+_PLANT = textwrap.dedent("""
+    import json, os, pickle, sys, zlib
+    from music21 import converter, environment
+    from data_pipelines.offline import corpus
+
+    marker = sys.argv[1]
+
+    class Plant:
+      def __reduce__(self):  # unpickling this creates the marker file
+        return (open, (marker, "w"))
+
+    sources = corpus.select_sources(4, seed=0)[:4]
+    scratch = environment.Environment().getRootTempDir()
+    for _, path in sources[:3]:
+      pickle_path = converter.PickleFilter(path).getPickleFp(scratch, zipType="gz")
+      pickle_path.write_bytes(zlib.compress(pickle.dumps(Plant())))
+    pieces = [corpus.parse_source(source) for source in sources]
+    print(json.dumps({"parsed": len(pieces), "scratch": sorted(os.listdir(scratch))}))
+    """)
+
+
+def test_scores_never_load_or_write_music21_pickles(tmp_path):
+  (tmp_path / "tmp").mkdir()
+  (tmp_path / "home").mkdir()
+  marker = tmp_path / "unpickled"
+  env = dict(os.environ, TMPDIR=str(tmp_path / "tmp"), HOME=str(tmp_path / "home"))
+  out = subprocess.run([sys.executable, "-c", _PLANT, str(marker)], cwd=REPO, env=env,
+                       capture_output=True, text=True, check=True).stdout
+  result = json.loads(out)
+  assert result["parsed"] == 4  # every score parsed from its source
+  assert not marker.exists()
+  # Only the three planted files: music21 wrote no pickle of its own.
+  assert len(result["scratch"]) == 3

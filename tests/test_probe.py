@@ -1,12 +1,13 @@
 """Tests of the MARBLE probe (pupujepa_jax/probe.py) on synthetic features in tmp_path."""
-import csv
 import json
 import os
 
 import mir_eval
 import numpy as np
 import pytest
+from sklearn import metrics as skm
 
+from pupujepa_jax import features, labels
 from pupujepa_jax import probe as pr
 
 N_LAYERS = 3
@@ -18,17 +19,11 @@ def _write(tmp_path, clips):
   """Writes features and labels.csv; clips: list of (path, label, split, [L+1, n, D])."""
   feat_dir = tmp_path / "feats"
   for path, _, _, arr in clips:
-    out = feat_dir / (path + ".npy")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.save(out, arr.astype(np.float32))
-  (feat_dir / "meta.json").write_text(json.dumps({"D": DIM, "L": N_LAYERS - 1}))
-  labels = tmp_path / "labels.csv"
-  with open(labels, "w", newline="") as f:
-    w = csv.writer(f)
-    w.writerow(["path", "label", "split"])
-    for path, label, split, _ in clips:
-      w.writerow([path, label, split])
-  return str(feat_dir), str(labels)
+    features.write_features(feat_dir, path, arr)
+  features.write_meta(feat_dir, {"D": DIM, "L": N_LAYERS - 1,
+                                 "files": [path for path, *_ in clips]})
+  labels_csv = labels.write_labels_csv([clip[:3] for clip in clips], tmp_path / "labels.csv")
+  return str(feat_dir), str(labels_csv)
 
 
 def _splits(n_train, n_valid, n_test):
@@ -245,3 +240,74 @@ def test_empty_split(tmp_path):
       tmp_path, _multiclass_clips(rng, [0, 1, 0, 1], ["train", "train", "test", "test"]))
   with pytest.raises(ValueError, match=r"split 'valid' is empty"):
     pr.probe_features(feat_dir, labels_csv, "multiclass", **FAST)
+
+
+def test_reads_only_the_files_meta_json_lists(tmp_path):
+  rng = np.random.default_rng(13)
+  clips = _multiclass_clips(rng, [0, 1] * 6, _splits(8, 2, 2))
+  feat_dir, labels_csv = _write(tmp_path, clips)
+  # A stale file of another model beside the listed ones, named by labels.csv.
+  features.write_features(feat_dir, "d/stale.wav", np.ones((N_LAYERS, 1, DIM)))
+  with open(labels_csv, "a") as f:
+    f.write("d/stale.wav,c0,test\n")
+  with pytest.raises(ValueError, match=r"meta.json does not list 'd/stale.wav'"):
+    pr.probe_features(feat_dir, labels_csv, "multiclass", **FAST)
+
+
+def test_one_nan_in_one_of_200_files_is_an_error_naming_it(tmp_path):
+  rng = np.random.default_rng(14)
+  clips = _multiclass_clips(rng, rng.integers(0, 3, 200), _splits(120, 40, 40))
+  clips[137][3][1, 0, 5] = np.nan
+  feat_dir, labels_csv = _write(tmp_path, clips)
+  with pytest.raises(ValueError, match=r"d/137.wav.npy: features hold NaN or Inf"):
+    pr.probe_features(feat_dir, labels_csv, "multiclass", **FAST)
+
+
+def test_labels_csv_with_a_byte_order_mark(tmp_path):
+  rng = np.random.default_rng(15)
+  splits = _splits(30, 10, 10)
+  feat_dir, labels_csv = _write(
+      tmp_path, _multiclass_clips(rng, rng.integers(0, 2, len(splits)), splits))
+  text = open(labels_csv, encoding="utf-8").read()
+  with open(labels_csv, "w", encoding="utf-8-sig") as f:  # what spreadsheets save
+    f.write(text)
+  assert open(labels_csv, "rb").read(3) == b"\xef\xbb\xbf"
+  rows = labels.read_labels_csv(labels_csv)
+  assert rows[0] == labels.LabelRow("d/000.wav", rows[0].label, "train") and len(rows) == 50
+  res = pr.probe_features(feat_dir, labels_csv, "multiclass", **FAST)
+  assert res["n_clips"] == {"train": 30, "valid": 10, "test": 10}
+
+
+def test_labels_csv_errors_name_the_file_and_line(tmp_path):
+  bad = tmp_path / "bad.csv"
+  bad.write_text("path,label\na.wav,x\n")
+  with pytest.raises(ValueError, match=r"bad.csv: missing column\(s\) \['split'\]"):
+    labels.read_labels_csv(bad)
+  bad.write_text("path,label,split\na.wav,x,train\nb.wav,y,dev\n")
+  with pytest.raises(ValueError, match=r"bad.csv line 3: split 'dev'"):
+    labels.read_labels_csv(bad)
+  with pytest.raises(ValueError, match=r"row 'b.wav' has split 'dev'"):
+    labels.write_labels_csv([("a.wav", "x", "train"), ("b.wav", "y", "dev")],
+                            tmp_path / "out.csv")
+  assert not (tmp_path / "out.csv").exists()
+
+
+def test_metrics_equal_scikit_learn_on_fixed_matrices():
+  rng = np.random.default_rng(16)
+  targets = rng.integers(0, 4, 60)
+  logits = rng.normal(size=(60, 4)) + 1.5 * np.eye(4)[targets]
+  got = pr.metrics_for("multiclass", logits, targets, ["a", "b", "c", "d"])
+  assert got["accuracy"] == pytest.approx(skm.accuracy_score(targets, logits.argmax(1)))
+  assert 0.3 < got["accuracy"] < 1.0  # neither trivial nor perfect
+  hot = (rng.random((80, 5)) < 0.35).astype(np.float32)
+  scores = rng.normal(size=(80, 5)) + hot
+  got = pr.metrics_for("multilabel", scores, hot, list("abcde"))
+  assert got["roc_auc"] == pytest.approx(skm.roc_auc_score(hot, scores, average="macro"))
+  assert got["ap"] == pytest.approx(skm.average_precision_score(hot, scores,
+                                                                average="macro"))
+  y = rng.normal(size=(50, 2)) * [1.0, 10.0]
+  pred = y + rng.normal(size=(50, 2)) * [0.5, 2.0]
+  got = pr.metrics_for("regression", pred, y, ["t0", "t1"])
+  assert got["r2"] == pytest.approx(skm.r2_score(y, pred, multioutput="uniform_average"))
+  assert got["r2_per_target"] == pytest.approx(list(skm.r2_score(y, pred,
+                                                                 multioutput="raw_values")))
