@@ -195,11 +195,15 @@ def checked_features(dataset_dir) -> tfds.features.FeaturesDict:
 
 
 class _SpecReader(read_only_builder.ReadOnlyBuilder, skip_registration=True):
-  """A prepared dataset decoded with features built in code, never from features.json."""
+  """A prepared dataset decoded with features built in code, never from features.json.
 
-  def __init__(self, dataset_dir: pathlib.Path, features: tfds.features.FeaturesDict):
-    self._code_features = features
-    super().__init__(str(dataset_dir))
+  TFDS pickles a builder (into Grain workers) as its constructor's arguments, so the
+  features are checked again wherever it is rebuilt.
+  """
+
+  def __init__(self, builder_dir):
+    self._code_features = checked_features(builder_dir)
+    super().__init__(builder_dir=str(builder_dir))
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(builder=self, features=self._code_features)
@@ -209,7 +213,7 @@ def load_data_source(path, split: str = "train"):
   """Random-access source of `split` ({"audio", "path", "duration"} records) of the
   dataset at or under `path`, after checking its stored features (`checked_features`)."""
   dataset_dir = find_dataset_dir(path)
-  builder = _SpecReader(dataset_dir, checked_features(dataset_dir))
+  builder = _SpecReader(dataset_dir)
   if split not in builder.info.splits:
     raise KeyError(f"dataset {dataset_dir} has no split {split!r}; "
                    f"it has {sorted(builder.info.splits)}")

@@ -4,6 +4,7 @@ this project's own feature spec are read."""
 import json
 import os
 import pathlib
+import pickle
 import signal
 import subprocess
 import sys
@@ -245,6 +246,14 @@ def test_a_doctored_features_json_is_refused_without_importing(tmp_path, monkeyp
   with pytest.raises(ValueError):
     tfds.builder_from_directory(str(dataset_format.find_dataset_dir(out)))
   assert marker.read_text() == "ran"
+
+
+def test_the_checked_reader_survives_pickling(tmp_path):
+  # Grain sends the source to its worker processes pickled.
+  root = _tones(tmp_path / "music", ["a.wav", "b.wav"])
+  ingest_lib.ingest(root, tmp_path / "ds")
+  source = pickle.loads(pickle.dumps(dataset_format.load_data_source(tmp_path / "ds")))
+  assert sorted(source[i]["path"].decode() for i in range(len(source))) == ["a.wav", "b.wav"]
 
 
 def test_builder_label_features_are_accepted_others_refused(tmp_path):
