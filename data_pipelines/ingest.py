@@ -23,8 +23,8 @@ import hashlib
 import json
 import os
 import pathlib
+import secrets
 import shutil
-import tempfile
 
 from data_pipelines import audio as audio_lib
 from data_pipelines import dataset_format
@@ -174,8 +174,10 @@ def ingest(input_dir, out_dir, min_seconds: float = 1.0, *, sample_rate: int = S
                        f"{previous.get('input_dir') or 'an unknown folder'}, not {root}; "
                        "pass --overwrite to replace it")
   out.parent.mkdir(parents=True, exist_ok=True)
-  staging = pathlib.Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(out)}{os.getpid()}-",
-                                          dir=out.parent))
+  # mkdir, not tempfile.mkdtemp: the folder becomes `out`, so it gets the usual
+  # permissions (umask), not mkdtemp's owner-only ones.
+  staging = out.parent / f"{_staging_prefix(out)}{os.getpid()}-{secrets.token_hex(4)}"
+  staging.mkdir()
   try:
     report = _build(root, files, staging, out, fingerprint, min_seconds, sample_rate,
                     workers or os.cpu_count() or 1)

@@ -129,6 +129,8 @@ def test_changed_folder_is_ingested_again_with_a_new_identity(tmp_path):
   assert summary["kept"] == 2 and not summary["reused"]
   assert _paths(out) == ["one.wav", "two.flac"]
   assert dataset_format.dataset_identity(out) != identity
+  # The swapped-in folder has the usual permissions, not a private temporary folder's.
+  assert out.stat().st_mode & 0o777 == (tmp_path / "music").stat().st_mode & 0o777
   # The build happened beside `out`, and nothing of it is left there.
   assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "music"]
 
