@@ -155,9 +155,16 @@ def test_long_stereo_file_streams_through_batches(model_dir, tmp_path):
   root = tmp_path / "audio"
   model_fixtures.write_tone(root / "long.wav", 4.0, sample_rate=44_100, channels=2, seed=5)
   model_fixtures.write_tone(root / "next.wav", 1.0, freq=660.0, seed=6)
+  # A NaN in its second decoding block: some of its windows were embedded before.
+  late_nan = np.full(72_000, 0.1, np.float32)
+  late_nan[-1] = np.nan
+  soundfile.write(root / "late_nan.wav", late_nan, 24_000, subtype="FLOAT")
   model = inference.load(model_dir, batch_size=2)
   meta = inference.embed_folder(model, root, tmp_path / "feats", progress=False)
   assert meta["files"] == ["long.wav", "next.wav"]
+  assert [f["path"] for f in meta["failed"]] == ["late_nan.wav"]
+  assert "NaN" in meta["failed"][0]["reason"]
+  assert not (tmp_path / "feats" / "late_nan.wav.npy").exists()
   for name in meta["files"]:
     wave, rate = soundfile.read(root / name, dtype="float32")
     alone = model.embed(wave, rate)
