@@ -56,7 +56,9 @@ def cmd_train(args, extra):
                          progress=not args.no_progress,
                          allow_config_change=args.allow_config_change)
   _print_json({"final_step": result.final_step, "stopped_by_signal": result.stopped_by_signal,
-               "workdir": result.workdir, "last_metrics": result.last_metrics})
+               "workdir": result.workdir, "last_metrics": result.last_metrics,
+               "resumed_from": result.resumed_from,
+               "rejected_checkpoints": result.rejected_checkpoints})
 
 
 def cmd_data_ingest(args, extra):

@@ -206,11 +206,15 @@ def validate(cfg, num_devices: int | None = None) -> None:
   from pupujepa_jax.models import attention
   if not isinstance(cfg, ml_collections.ConfigDict):
     raise ConfigError(f"a config must be an ml_collections.ConfigDict, got {type(cfg).__name__}")
-  if "model" in cfg and isinstance(cfg.model, ml_collections.ConfigDict) \
-      and cfg.model.get("variant") not in VARIANTS:
-    raise ConfigError(f"model.variant: unknown variant {cfg.model.get('variant')!r}; "
-                      f"known: {sorted(VARIANTS)}")
-  schema = base_config(cfg.model.variant if "model" in cfg else "tiny")
+  # The variant picks the schema's defaults; a `model` that is not a group is reported
+  # by the key check below.
+  variant = "tiny"
+  if isinstance(cfg.get("model"), ml_collections.ConfigDict):
+    variant = cfg.model.get("variant")
+    if not isinstance(variant, str) or variant not in VARIANTS:
+      raise ConfigError(f"model.variant: unknown variant {variant!r}; "
+                        f"known: {sorted(VARIANTS)}")
+  schema = base_config(variant)
   _check_keys(cfg, schema)
   _check_value_types(cfg, schema)
   try:
@@ -308,9 +312,17 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     module_spec.loader.exec_module(module)
   except SyntaxError as e:
     raise ConfigError(f"config file {path!r} does not parse: {e}") from e
+  except Exception as e:  # the file is user code: any error is the file's
+    raise ConfigError(f"config file {path!r} fails to load: {type(e).__name__}: {e}") from e
   if not hasattr(module, "get_config"):
     raise ConfigError(f"config file {path!r} has no get_config(arg) function")
-  cfg = module.get_config(arg) if arg else module.get_config()
+  try:
+    cfg = module.get_config(arg) if arg else module.get_config()
+  except ConfigError:
+    raise
+  except Exception as e:
+    raise ConfigError(f"config file {path!r}: get_config({arg!r}) failed: "
+                      f"{type(e).__name__}: {e}") from e
   if not isinstance(cfg, ml_collections.ConfigDict):
     raise ConfigError(f"config file {path!r}: get_config returned {type(cfg).__name__}, "
                       "not a ConfigDict")
@@ -419,7 +431,12 @@ def to_dict(cfg) -> dict:
 
 def from_dict(values: dict) -> ml_collections.ConfigDict:
   """A config from `to_dict` output, with lists back to tuples where the schema has them."""
-  cfg = ml_collections.ConfigDict(values)
+  if not isinstance(values, dict):
+    raise ConfigError(f"a config must be an object of fields, got {type(values).__name__}")
+  try:
+    cfg = ml_collections.ConfigDict(values)
+  except (TypeError, ValueError, KeyError) as e:
+    raise ConfigError(f"not a config: {e}") from e
   _restore_tuples(cfg)
   return cfg
 
