@@ -1,32 +1,257 @@
-"""Scaled dot-product attention over [B, N, heads, head_dim] arrays, one definition.
+"""Scaled dot-product attention over [B, N, heads, head_dim] arrays: one entry point,
+several kernels.
 
-`dot_product_attention(q, k, v, kernel)` is what every block calls; `kernel` (config
-field `model.attention`) picks the implementation. `attention_weights` gives the softmax
-probabilities of the same q and k for pictures.
+`dot_product_attention(q, k, v, kernel)` is what every block calls. `kernel` (the run
+config's `attention` field) is one of:
+- `xla`: the plain reference, softmax(q k^T / sqrt(d)) v with a float32 softmax. It
+  materialises the [B, heads, Nq, Nk] logits and probabilities (and keeps them for the
+  backward pass).
+- `blockwise`: the same numbers computed query block by key block with an online
+  softmax (FlashAttention-2's algorithm, in plain JAX), with its own backward pass that
+  recomputes the probabilities block by block from the saved log-sum-exp. Memory is
+  O(N) instead of O(N^2); every matmul keeps float32 accumulation.
+- `cudnn`: cuDNN's fused flash attention through `jax.nn.dot_product_attention(
+  implementation="cudnn")`, on NVIDIA GPUs with bf16/fp16 inputs and a head dim that
+  is a multiple of 8 and at most 128.
+- `splash`: Pallas splash attention on TPUs (sequences padded to its block size, padding
+  masked with segment ids).
+- `auto` (default): cudnn on GPUs, splash on TPUs, blockwise on CPUs. A kernel that
+  does not qualify for the inputs (dtype, head dim, platform) falls back to the next
+  one with the reason logged once (`resolve_kernel`).
+
+`attention_weights` gives the softmax probabilities of q and k for pictures.
 """
 from __future__ import annotations
+
+import functools
+import logging
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-KERNELS = ("auto", "xla")
+KERNELS = ("auto", "xla", "blockwise", "cudnn", "splash")
+# Blockwise tiles: queries per block, and keys per block (one key block covers the
+# released grids, 2048 tokens, so the online softmax never has to rescale there).
+BLOCK_Q = 256
+BLOCK_K = 2048
+SPLASH_BLOCK = 128
+CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+_NEG = -1e30  # logit of a padded key: exp() underflows to exactly 0
+
+log = logging.getLogger(__name__)
 
 
 def attention_weights(q, k):
   """float32 softmax(q k^T / sqrt(d)) [B, heads, Nq, Nk]."""
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / np.sqrt(q.shape[-1])
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k,
+                      preferred_element_type=jnp.float32) / np.sqrt(q.shape[-1])
   return jax.nn.softmax(logits, axis=-1)
 
 
 def reference_attention(q, k, v):
   """Plain attention with a float32 softmax; materialises the [B, heads, N, N] weights."""
   weights = attention_weights(q, k)
-  return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
+  return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v,
+                    preferred_element_type=jnp.float32).astype(v.dtype)
+
+
+# ------------------------------------------------------------------------ kernel choice
+
+def resolve_kernel(requested: str, platform: str, dtype, head_dim: int) -> tuple[str, str]:
+  """(kernel that runs, reason if it is not the requested one) for these inputs."""
+  if requested not in KERNELS:
+    raise ValueError(f"attention kernel {requested!r} not in {KERNELS}")
+  if requested == "auto":
+    preferred = {"gpu": "cudnn", "cuda": "cudnn", "tpu": "splash"}.get(platform, "blockwise")
+    kernel, reason = resolve_kernel(preferred, platform, dtype, head_dim)
+    return kernel, reason
+  if requested == "cudnn":
+    problems = []
+    if platform not in ("gpu", "cuda"):
+      problems.append(f"needs an NVIDIA GPU (platform is {platform})")
+    if jnp.dtype(dtype) not in [jnp.dtype(d) for d in CUDNN_DTYPES]:
+      problems.append(f"needs bf16/fp16 inputs (got {jnp.dtype(dtype).name})")
+    if head_dim % 8 or head_dim > 128:
+      problems.append(f"needs a head dim that is a multiple of 8 and <= 128 (got {head_dim})")
+    if problems:
+      fallback = "xla" if platform in ("gpu", "cuda") else "blockwise"
+      return fallback, f"cudnn attention {'; '.join(problems)}: using {fallback}"
+  if requested == "splash" and platform != "tpu":
+    return "blockwise", f"splash attention needs a TPU (platform is {platform}): using blockwise"
+  return requested, ""
+
+
+@functools.lru_cache(maxsize=None)
+def _log_fallback(reason: str) -> None:
+  log.warning(reason)
 
 
 def dot_product_attention(q, k, v, kernel: str = "auto"):
   """softmax(q k^T / sqrt(d)) v for q [B, Nq, H, d], k and v [B, Nk, H, d]."""
-  if kernel not in KERNELS:
-    raise ValueError(f"attention kernel {kernel!r} not in {KERNELS}")
-  return reference_attention(q, k, v)
+  chosen, reason = resolve_kernel(kernel, jax.default_backend(), q.dtype, q.shape[-1])
+  if reason:
+    _log_fallback(reason)
+  if chosen == "xla":
+    return reference_attention(q, k, v)
+  if chosen == "blockwise":
+    return blockwise_attention(q, k, v)
+  if chosen == "cudnn":
+    return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+  return splash_attention(q, k, v)
+
+
+# --------------------------------------------------------------------------- blockwise
+
+def _blocks(x, n_blocks: int, block: int):
+  """[B, H, N, ...] padded to n_blocks * block -> [n_blocks, B, H, block, ...]."""
+  pad = n_blocks * block - x.shape[2]
+  if pad:
+    x = jnp.pad(x, [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 3))
+  x = x.reshape(x.shape[:2] + (n_blocks, block) + x.shape[3:])
+  return jnp.moveaxis(x, 2, 0)
+
+
+def _unblock(x, n: int):
+  """[n_blocks, B, H, block, ...] -> [B, H, n, ...]."""
+  x = jnp.moveaxis(x, 0, 2)
+  return x.reshape(x.shape[:2] + (-1,) + x.shape[4:])[:, :, :n]
+
+
+def _layout(q, k, v, block_q, block_k):
+  """Head-major, scaled, blocked q/k/v and the key-padding bias of every key block."""
+  n_q, n_k, d = q.shape[1], k.shape[1], q.shape[-1]
+  bq, bk = min(block_q, n_q), min(block_k, n_k)
+  nq, nk = -(-n_q // bq), -(-n_k // bk)
+  head_major = lambda x: jnp.swapaxes(x, 1, 2)
+  qb = _blocks(head_major(q * jnp.asarray(1.0 / np.sqrt(d), q.dtype)), nq, bq)
+  kb, vb = _blocks(head_major(k), nk, bk), _blocks(head_major(v), nk, bk)
+  bias = jnp.where(jnp.arange(nk * bk) < n_k, 0.0, _NEG).astype(jnp.float32).reshape(nk, bk)
+  return qb, kb, vb, bias
+
+
+def _scores(q_block, k_block, bias_block):
+  return jnp.einsum("bhqd,bhkd->bhqk", q_block, k_block,
+                    preferred_element_type=jnp.float32) + bias_block
+
+
+def _flash_forward(q, k, v, block_q, block_k):
+  """(output [B, Nq, H, d], log-sum-exp [B, H, Nq] of the scaled logits)."""
+  qb, kb, vb, bias = _layout(q, k, v, block_q, block_k)
+
+  def one_query_block(q_block):
+    shape = q_block.shape[:-1]
+    init = (jnp.full(shape, _NEG, jnp.float32), jnp.zeros(shape, jnp.float32),
+            jnp.zeros(q_block.shape, jnp.float32))
+
+    def one_key_block(carry, xs):
+      m, l, acc = carry
+      k_block, v_block, bias_block = xs
+      s = _scores(q_block, k_block, bias_block)
+      m_new = jnp.maximum(m, s.max(-1))
+      p = jnp.exp(s - m_new[..., None])
+      correction = jnp.exp(m - m_new)
+      l = l * correction + p.sum(-1)
+      acc = acc * correction[..., None] + jnp.einsum(
+          "bhqk,bhkd->bhqd", p.astype(v_block.dtype), v_block,
+          preferred_element_type=jnp.float32)
+      return (m_new, l, acc), None
+
+    (m, l, acc), _ = jax.lax.scan(one_key_block, init, (kb, vb, bias))
+    return acc / l[..., None], m + jnp.log(l)
+
+  out, lse = jax.lax.map(one_query_block, qb)
+  n_q = q.shape[1]
+  out = jnp.swapaxes(_unblock(out, n_q), 1, 2).astype(q.dtype)
+  return out, _unblock(lse, n_q)
+
+
+def _flash_backward(block_q, block_k, residuals, d_out):
+  q, k, v, out, lse = residuals
+  n_q, n_k, d = q.shape[1], k.shape[1], q.shape[-1]
+  qb, kb, vb, bias = _layout(q, k, v, block_q, block_k)
+  bq, nq = qb.shape[3], qb.shape[0]
+  head_major = lambda x: jnp.swapaxes(x, 1, 2)
+  # delta_i = sum_j p_ij dp_ij = rowsum(dO * O); padded query rows have dO = 0.
+  delta = jnp.einsum("bqhd,bqhd->bhq", d_out.astype(jnp.float32), out.astype(jnp.float32))
+  dob = _blocks(head_major(d_out), nq, bq)
+  lse_b, delta_b = _blocks(lse, nq, bq), _blocks(delta, nq, bq)
+
+  def one_query_block(carry, xs):
+    dk, dv = carry
+    q_block, do_block, lse_block, delta_block = xs
+
+    def one_key_block(dq, ys):
+      k_block, v_block, bias_block = ys
+      p = jnp.exp(_scores(q_block, k_block, bias_block) - lse_block[..., None])
+      dv_block = jnp.einsum("bhqk,bhqd->bhkd", p.astype(do_block.dtype), do_block,
+                            preferred_element_type=jnp.float32)
+      dp = jnp.einsum("bhqd,bhkd->bhqk", do_block, v_block,
+                      preferred_element_type=jnp.float32)
+      ds = (p * (dp - delta_block[..., None])).astype(q_block.dtype)
+      dq = dq + jnp.einsum("bhqk,bhkd->bhqd", ds, k_block, preferred_element_type=jnp.float32)
+      dk_block = jnp.einsum("bhqk,bhqd->bhkd", ds, q_block, preferred_element_type=jnp.float32)
+      return dq, (dk_block, dv_block)
+
+    dq, (dk_blocks, dv_blocks) = jax.lax.scan(
+        one_key_block, jnp.zeros(q_block.shape, jnp.float32), (kb, vb, bias))
+    return (dk + dk_blocks, dv + dv_blocks), dq
+
+  zeros = jnp.zeros(kb.shape, jnp.float32)
+  (dk, dv), dq = jax.lax.scan(one_query_block, (zeros, zeros), (qb, dob, lse_b, delta_b))
+  scale = 1.0 / np.sqrt(d)
+  # q was scaled before the matmuls: d(q * s) / dq = s; k saw the scaled q already.
+  dq = jnp.swapaxes(_unblock(dq, n_q), 1, 2) * scale
+  dk = jnp.swapaxes(_unblock(dk, n_k), 1, 2)
+  dv = jnp.swapaxes(_unblock(dv, n_k), 1, 2)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _flash(q, k, v, block_q, block_k):
+  return _flash_forward(q, k, v, block_q, block_k)[0]
+
+
+def _flash_fwd_rule(q, k, v, block_q, block_k):
+  out, lse = _flash_forward(q, k, v, block_q, block_k)
+  return out, (q, k, v, out, lse)
+
+
+_flash.defvjp(_flash_fwd_rule, _flash_backward)
+
+
+def blockwise_attention(q, k, v, block_q: int = BLOCK_Q, block_k: int = BLOCK_K):
+  """Memory-light attention (see module docstring); any Nq, Nk (padding is masked)."""
+  return _flash(q, k, v, int(block_q), int(block_k))
+
+
+# ------------------------------------------------------------------------------ splash
+
+def splash_attention(q, k, v, interpret: bool = False):
+  """Pallas splash attention (TPU); `interpret` runs the same kernel on any platform.
+
+  Sequences are padded to the kernel's block size; padded keys are masked with segment
+  ids (real keys 0, padding 1; every query is 0, so padded query rows stay finite and
+  are dropped).
+  """
+  from jax.experimental.pallas.ops.tpu.splash_attention import (
+      splash_attention_kernel as splash, splash_attention_mask as masks)
+  b, n_q, h, d = q.shape
+  n_k = k.shape[1]
+  length = -(-max(n_q, n_k) // SPLASH_BLOCK) * SPLASH_BLOCK
+  mask = masks.MultiHeadMask([masks.FullMask((length, length)) for _ in range(h)])
+  sizes = splash.BlockSizes(block_q=SPLASH_BLOCK, block_kv=SPLASH_BLOCK,
+                            block_q_dkv=SPLASH_BLOCK, block_kv_dkv=SPLASH_BLOCK,
+                            block_q_dq=SPLASH_BLOCK, block_kv_dq=SPLASH_BLOCK)
+  kernel = splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                  interpret=interpret)
+  segments = splash.SegmentIds(q=jnp.zeros(length, jnp.int32),
+                               kv=(jnp.arange(length) >= n_k).astype(jnp.int32))
+
+  def head_major(x, n):  # [B, N, H, d] -> [B, H, length, d]
+    return jnp.pad(jnp.swapaxes(x, 1, 2), [(0, 0), (0, 0), (0, length - n), (0, 0)])
+
+  qh = head_major(q * jnp.asarray(1.0 / np.sqrt(d), q.dtype), n_q)
+  out = jax.vmap(lambda qq, kk, vv: kernel(qq, kk, vv, segment_ids=segments))(
+      qh, head_major(k, n_k), head_major(v, n_k))
+  return jnp.swapaxes(out[:, :, :n_q], 1, 2).astype(q.dtype)

@@ -1,0 +1,124 @@
+"""Every attention kernel this machine can run equals the plain reference, forward and
+gradient, on odd sizes (the teacher's 1638 and the student's 410 tokens), and the kernel
+choice falls back with a reason where a kernel does not qualify.
+
+cuDNN needs an NVIDIA GPU and cannot run here: its selection and fallbacks are tested,
+its numbers only on a GPU machine (benchmarks/device_check.sh). Splash attention is the
+real Pallas TPU kernel run in Pallas' interpret mode on the CPU.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pupujepa_jax.models import attention
+
+
+def _qkv(n_q, n_k, heads=2, dim=16, batch=2, seed=0, dtype=jnp.float32):
+  keys = jax.random.split(jax.random.key(seed), 4)
+  q = jax.random.normal(keys[0], (batch, n_q, heads, dim)) * 2
+  k = jax.random.normal(keys[1], (batch, n_k, heads, dim)) * 2
+  v = jax.random.normal(keys[2], (batch, n_k, heads, dim))
+  cot = jax.random.normal(keys[3], (batch, n_q, heads, dim))
+  return q.astype(dtype), k.astype(dtype), v.astype(dtype), cot
+
+
+def _value_and_grads(fn, q, k, v, cot):
+  out, vjp = jax.vjp(fn, q, k, v)
+  return (out, *vjp(cot.astype(out.dtype)))
+
+
+@pytest.mark.parametrize("n,block_q,block_k", [
+    (1638, attention.BLOCK_Q, attention.BLOCK_K),  # the teacher: one key block, padding
+    (410, attention.BLOCK_Q, attention.BLOCK_K),   # the student's context
+    (410, 64, 128),  # several key blocks: the online softmax rescales, padded keys
+    (37, 16, 8),
+])
+def test_blockwise_matches_reference(n, block_q, block_k):
+  q, k, v, cot = _qkv(n, n)
+  blockwise = jax.jit(functools.partial(attention.blockwise_attention, block_q=block_q,
+                                        block_k=block_k))
+  got = _value_and_grads(blockwise, q, k, v, cot)
+  want = _value_and_grads(jax.jit(attention.reference_attention), q, k, v, cot)
+  for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+    scale = float(jnp.abs(b).max())
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5 * scale, rtol=0,
+                               err_msg=name)
+    assert scale > 0.1
+
+
+def test_blockwise_cross_attention_and_bfloat16():
+  q, k, v, cot = _qkv(100, 300, seed=1)
+  got = _value_and_grads(functools.partial(attention.blockwise_attention, block_q=32,
+                                           block_k=64), q, k, v, cot)
+  want = _value_and_grads(attention.reference_attention, q, k, v, cot)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5 * float(
+        jnp.abs(b).max()), rtol=0)
+  qb, kb, vb = (x.astype(jnp.bfloat16) for x in (q, k, v))
+  got = _value_and_grads(attention.blockwise_attention, qb, kb, vb, cot)
+  assert all(x.dtype == jnp.bfloat16 for x in got)
+  # bf16 inputs, float32 accumulation: within bf16's resolution of the float32 result.
+  for a, b in zip(got, want):
+    err = float(jnp.abs(a.astype(jnp.float32) - b).max()) / float(jnp.abs(b).max())
+    assert err < 3e-2, err
+
+
+def test_blockwise_memory_is_linear_in_tokens():
+  """The compiled backward keeps no [B, H, N, N] array: its temporaries grow ~linearly."""
+  def temp_bytes(n, fn):
+    q, k, v, cot = _qkv(n, n, heads=2, dim=16, batch=1)
+    grad = jax.jit(jax.grad(lambda q, k, v: (fn(q, k, v) * cot).sum(), argnums=(0, 1, 2)))
+    return grad.lower(q, k, v).compile().memory_analysis().temp_size_in_bytes
+
+  blockwise = functools.partial(attention.blockwise_attention, block_q=128, block_k=512)
+  small, large = temp_bytes(1024, blockwise), temp_bytes(4096, blockwise)
+  ref_small, ref_large = (temp_bytes(n, attention.reference_attention) for n in (1024, 4096))
+  assert large < 6 * small          # 4x tokens: ~4x memory (blocks are fixed size)
+  assert ref_large > 8 * ref_small  # the reference: N^2 logits dominate (measured 9.6x)
+  assert large < ref_large / 4
+
+
+def test_splash_kernel_in_interpret_mode_matches_reference():
+  q, k, v, cot = _qkv(200, 200, dim=64, batch=1, seed=3)
+  splash = jax.jit(functools.partial(attention.splash_attention, interpret=True))
+  got = _value_and_grads(splash, q, k, v, cot)
+  want = _value_and_grads(attention.reference_attention, q, k, v, cot)
+  for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b),
+                               atol=2e-5 * float(jnp.abs(b).max()), rtol=0, err_msg=name)
+
+
+@pytest.mark.parametrize("requested,platform,dtype,head_dim,want,reason", [
+    ("auto", "cpu", jnp.float32, 64, "blockwise", ""),
+    ("auto", "gpu", jnp.bfloat16, 64, "cudnn", ""),
+    ("auto", "gpu", jnp.float32, 64, "xla", "bf16/fp16"),
+    ("auto", "gpu", jnp.bfloat16, 192, "xla", "head dim"),
+    ("auto", "tpu", jnp.bfloat16, 64, "splash", ""),
+    ("cudnn", "cpu", jnp.bfloat16, 64, "blockwise", "NVIDIA GPU"),
+    ("splash", "gpu", jnp.bfloat16, 64, "blockwise", "needs a TPU"),
+    ("xla", "tpu", jnp.float32, 64, "xla", ""),
+    ("blockwise", "gpu", jnp.float32, 64, "blockwise", ""),
+])
+def test_kernel_choice_and_fallbacks(requested, platform, dtype, head_dim, want, reason):
+  chosen, why = attention.resolve_kernel(requested, platform, dtype, head_dim)
+  assert chosen == want
+  assert (reason in why) and (bool(why) == bool(reason))
+  with pytest.raises(ValueError, match="attention kernel 'flash'"):
+    attention.resolve_kernel("flash", platform, dtype, head_dim)
+
+
+def test_every_kernel_runs_in_the_model():
+  """The encoder gives the same tokens with every kernel this machine runs."""
+  from pupujepa_jax import models
+  arch = models.Architecture(width=64, depth=2, num_heads=2, crop_frames=64)
+  params = jax.jit(functools.partial(models.init_encoder, arch, 128))(jax.random.key(0))
+  x = jax.random.normal(jax.random.key(1), (2, 64, 128))
+  outs = {kernel: jax.jit(functools.partial(
+      models.encode, arch, runtime=models.Runtime(attention=kernel)))(params, x)
+      for kernel in ("xla", "blockwise", "auto", "cudnn")}  # cudnn falls back here
+  for kernel, out in outs.items():
+    np.testing.assert_allclose(np.asarray(out), np.asarray(outs["xla"]), atol=1e-5,
+                               err_msg=kernel)
