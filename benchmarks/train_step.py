@@ -1,81 +1,210 @@
-"""Train-step throughput: step time, tokens/s, achieved FLOP/s (and MFU on a known GPU).
+"""Train-step throughput: step time, peak memory, FLOP/s and MFU, optionally side by side
+with the same step in PyTorch.
 
-Not a test: prints numbers for whatever backend JAX finds. Examples:
-  python benchmarks/train_step.py --variant tiny --batch 8            # this CPU
-  python benchmarks/train_step.py --variant base --batch 64 --bf16   # a GPU node
-FLOPs come from XLA's cost analysis of the compiled step (forward, backward, optimizer,
-EMA, masking), so they count what actually runs.
+Not a test: prints numbers for whatever backend JAX finds.
+
+  python benchmarks/train_step.py                                   # released tiny, batch 8
+  python benchmarks/train_step.py --side_by_side                    # ... and PyTorch's step
+  python benchmarks/train_step.py --config experiments/demo.py --side_by_side
+  python benchmarks/train_step.py --config experiments/pupujepa.py:variant=base,batch=64,bf16
+
+`--side_by_side` runs each side in its own process, one after the other (so each peak
+RSS is its own): ours (`train_step.pretrain_step`, jitted) and PyTorch's (the
+release-built reference of tests/release_reference.py: timm EvaBlocks with fused SDPA
+attention, our smooth-L1 loss, AdamW, EMA), on the same spectrogram shapes, then prints
+the ratio. FLOPs are analytic (`pupujepa_jax.models.flops`: the matmuls and attention
+that a step needs, no recomputation), so MFU measures useful work; XLA's own count of the
+compiled step is printed beside it.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import pathlib
+import resource
+import subprocess
+import sys
 import time
 
-import jax
-import numpy as np
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
-from pupujepa_jax import config as config_lib
-from pupujepa_jax import sharding, train_step
+# Dense peak FLOP/s per device by compute dtype (vendor datasheets; bf16 = tensor cores,
+# float32 = TF32 tensor cores on NVIDIA, which XLA uses for f32 matmuls by default).
+PEAK_FLOPS = {
+    "H200": {"bfloat16": 989e12, "float32": 494e12},
+    "H100": {"bfloat16": 989e12, "float32": 494e12},
+    "A100": {"bfloat16": 312e12, "float32": 156e12},
+    "L4": {"bfloat16": 121e12, "float32": 60e12},
+    "TPU v4": {"bfloat16": 275e12, "float32": 275e12},
+    "TPU v5 lite": {"bfloat16": 197e12, "float32": 197e12},
+    "TPU v5p": {"bfloat16": 459e12, "float32": 459e12},
+    "TPU v6 lite": {"bfloat16": 918e12, "float32": 918e12},
+}
 
-# Dense bf16 peak FLOP/s per device, for MFU.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+def peak_flops(device_kind: str, dtype: str):
+  """Peak FLOP/s of one device of this kind, or None when unknown (CPUs)."""
+  for name, peaks in PEAK_FLOPS.items():
+    if name in device_kind:
+      return peaks[dtype]
+  return None
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--variant", default="tiny")
-  parser.add_argument("--batch", type=int, default=8)
-  parser.add_argument("--crop_frames", type=int, default=1024)
-  parser.add_argument("--steps", type=int, default=5)
-  parser.add_argument("--bf16", action="store_true")
-  parser.add_argument("--remat", action="store_true")
-  parser.add_argument("--fsdp", type=int, default=1)
-  args = parser.parse_args()
+def load_config(spec: str, overrides: list[str]):
+  from pupujepa_jax import config as config_lib
+  cfg = config_lib.apply_overrides(config_lib.load_config(str(REPO / spec)), overrides)
+  cfg.total_steps = max(cfg.total_steps, 1000)
+  cfg.optim.warmup_steps = min(cfg.optim.warmup_steps, 10)  # a real, non-zero step
+  return cfg
 
-  cfg = config_lib.base_config(args.variant)
-  cfg.data.batch_size = args.batch
-  cfg.data.crop_frames = args.crop_frames
-  cfg.mesh.fsdp = args.fsdp
-  cfg.compute_dtype = "bfloat16" if args.bf16 else "float32"
-  cfg.remat = args.remat
-  cfg.total_steps = 1000
-  cfg.optim.warmup_steps = 10
+
+def analytic_flops(cfg) -> dict:
+  from pupujepa_jax import config as config_lib, masking
+  from pupujepa_jax.models import flops
+  grid = config_lib.grid_shape(cfg)
+  return flops.train_step_flops(config_lib.architecture(cfg), config_lib.predictor_size(cfg),
+                                grid, masking.num_targets(grid, cfg.mask.ratio),
+                                cfg.data.batch_size, cfg.teacher_mode)
+
+
+def _peak_rss_gb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB -> GB (Linux)
+
+
+def run_jax(cfg, steps: int, inputs: str) -> dict:
+  import jax
+  import numpy as np
+
+  from pupujepa_jax import config as config_lib, sharding, train_step
   config_lib.validate(cfg, jax.device_count())
   mesh = sharding.mesh_from_config(cfg)
   state = train_step.create_sharded_state(cfg, mesh)
   step_fn = train_step.make_train_step(cfg, mesh)
   rng = np.random.default_rng(0)
-  batch = sharding.global_batch({"spectrogram": rng.standard_normal(
-      (args.batch, args.crop_frames, cfg.frontend.n_mels)).astype(np.float32)}, mesh)
-
+  b = cfg.data.batch_size
+  if inputs == "audio":
+    samples = config_lib.frontend(cfg).samples_for_frames(cfg.model.crop_frames)
+    local = {"audio": (0.1 * rng.standard_normal((b, samples))).astype(np.float32)}
+  else:
+    local = {"spectrogram": rng.standard_normal(
+        (b, cfg.model.crop_frames, cfg.frontend.n_mels)).astype(np.float32)}
+  batch = sharding.global_batch(local, mesh)
+  xla_flops = train_step.step_flops(cfg, jax.eval_shape(lambda: local))
   start = time.perf_counter()
   state, metrics = step_fn(state, batch)
   jax.block_until_ready(metrics)
-  compile_s = time.perf_counter() - start
-  start = time.perf_counter()
-  for _ in range(args.steps):
+  first = time.perf_counter() - start
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
     state, metrics = step_fn(state, batch)
-  jax.block_until_ready(metrics)
-  step_s = (time.perf_counter() - start) / args.steps
-
-  flops = train_step.step_flops(cfg, args.batch)
-  tokens = args.batch * int(np.prod(config_lib.grid_shape(cfg)))
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - start)
   device = jax.devices()[0]
-  result = {
-      "backend": jax.default_backend(), "device": device.device_kind,
-      "devices": jax.device_count(), "variant": args.variant, "batch": args.batch,
-      "crop_frames": args.crop_frames, "dtype": cfg.compute_dtype, "remat": args.remat,
-      "compile_plus_first_step_s": round(compile_s, 2), "step_s": round(step_s, 4),
-      "examples_per_s": round(args.batch / step_s, 2),
-      "tokens_per_s": round(tokens / step_s, 1),
-      "step_gflop": round(flops / 1e9, 1), "per_example_gflop": round(flops / 1e9 / args.batch, 1),
-      "achieved_gflop_per_s": round(flops / step_s / 1e9, 1),
-  }
-  peak = next((v for k, v in PEAK_FLOPS.items() if k in device.device_kind), None)
-  if peak:
-    result["mfu"] = round(flops / step_s / (peak * jax.device_count()), 4)
-  print(json.dumps(result, indent=2))
+  return {"side": "jax", "backend": jax.default_backend(), "device": device.device_kind,
+          "devices": jax.device_count(), "attention": cfg.attention, "remat": cfg.remat,
+          "dtype": cfg.compute_dtype, "inputs": inputs,
+          "compile_plus_first_step_s": round(first, 2), "step_s": round(min(times), 4),
+          "step_s_median": round(sorted(times)[len(times) // 2], 4),
+          "xla_counted_gflop": round(xla_flops / 1e9, 1),
+          "loss": float(metrics["loss"]), "peak_rss_gb": round(_peak_rss_gb(), 2)}
+
+
+def run_torch(cfg, steps: int) -> dict:
+  import numpy as np
+  import torch
+  import torch.nn.functional as F
+
+  from pupujepa_jax import config as config_lib, masking, optim
+  from tests import release_reference
+  torch.set_num_threads(os.cpu_count())
+  torch.manual_seed(0)
+  m, p = cfg.model, cfg.predictor
+  model = release_reference.PupuJEPA(m.width, m.depth, m.num_heads, p.width, p.depth,
+                                     p.num_heads, (m.patch_time, m.patch_freq))
+  trained = [(n, q) for n, q in model.named_parameters() if q.requires_grad]
+  decay = [q for n, q in trained if q.ndim >= 2 and "mask_token" not in n]
+  rest = [q for n, q in trained if not (q.ndim >= 2 and "mask_token" not in n)]
+  lr = float(optim.learning_rate(cfg)(10))
+  opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.04},
+                           {"params": rest, "weight_decay": 0.0}], lr=lr,
+                          betas=(cfg.optim.b1, cfg.optim.b2))
+  grid = config_lib.grid_shape(cfg)
+  n_tokens, n_targets = grid[0] * grid[1], masking.num_targets(grid, cfg.mask.ratio)
+  b = cfg.data.batch_size
+  x = torch.randn(b, 1, m.crop_frames, cfg.frontend.n_mels)
+
+  def step():
+    order = torch.argsort(torch.rand(b, n_tokens), dim=1)
+    context, target = order[:, :n_tokens - n_targets], order[:, n_tokens - n_targets:]
+    pred, tgt = model(x, context, target)
+    loss = F.smooth_l1_loss(pred, F.layer_norm(tgt, tgt.shape[-1:]))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+      torch._foreach_lerp_(list(model.teacher.parameters()), list(model.student.parameters()),
+                           0.004)
+    return float(loss.detach())
+
+  start = time.perf_counter()
+  step()
+  first = time.perf_counter() - start
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    loss = step()
+    times.append(time.perf_counter() - start)
+  return {"side": "torch", "torch": torch.__version__, "threads": torch.get_num_threads(),
+          "first_step_s": round(first, 2), "step_s": round(min(times), 4),
+          "step_s_median": round(sorted(times)[len(times) // 2], 4), "loss": loss,
+          "peak_rss_gb": round(_peak_rss_gb(), 2)}
+
+
+def with_flops(result: dict, cfg) -> dict:
+  flops = analytic_flops(cfg)
+  result["analytic_gflop_per_step"] = round(flops["step"] / 1e9, 1)
+  result["attention_share_of_flops"] = round(flops["attention_share"], 3)
+  result["achieved_gflop_per_s"] = round(flops["step"] / result["step_s"] / 1e9, 1)
+  result["examples_per_s"] = round(cfg.data.batch_size / result["step_s"], 2)
+  if result["side"] == "jax":
+    peak = peak_flops(result["device"], cfg.compute_dtype)
+    if peak:
+      result["mfu"] = round(flops["step"] / result["step_s"] / (peak * result["devices"]), 4)
+  return result
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--config", default="experiments/pupujepa.py:variant=tiny,batch=8",
+                      help="FILE.py[:ARG] (the model, batch and crop come from it)")
+  parser.add_argument("--steps", type=int, default=3, help="timed steps (the best counts)")
+  parser.add_argument("--side", choices=["jax", "torch"], default="jax")
+  parser.add_argument("--side_by_side", action="store_true")
+  parser.add_argument("--inputs", choices=["spectrogram", "audio"], default="spectrogram",
+                      help="audio: the jitted step also runs the front-end")
+  args, overrides = parser.parse_known_args()
+  cfg = load_config(args.config, overrides)
+  if args.side_by_side:
+    results = []
+    for side in ("torch", "jax"):
+      cmd = [sys.executable, __file__, "--config", args.config, "--steps", str(args.steps),
+             "--side", side, "--inputs", args.inputs, *overrides]
+      out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+      results.append(json.loads(out))
+    torch_r, jax_r = results
+    print(json.dumps({"torch": torch_r, "jax": jax_r,
+                      "step_time_ratio_jax_over_torch": round(jax_r["step_s"] /
+                                                              torch_r["step_s"], 3),
+                      "peak_rss_ratio_jax_over_torch": round(jax_r["peak_rss_gb"] /
+                                                             torch_r["peak_rss_gb"], 3)},
+                     indent=2))
+    return
+  result = run_jax(cfg, args.steps, args.inputs) if args.side == "jax" else run_torch(
+      cfg, args.steps)
+  print(json.dumps(with_flops(result, cfg), indent=2))
 
 
 if __name__ == "__main__":

@@ -1,12 +1,17 @@
-"""The pretraining input pipeline (Grain): audio records -> random crops -> log-mel batches.
+"""The pretraining input pipeline (Grain): audio records -> random raw-audio crops.
 
     source (TFDS ArrayRecord dataset, or an audio folder decoded on the fly)
       -> seeded shuffle, reshuffled every epoch, repeated forever (one global stream)
       -> this process's slice of every global batch (only those records are read)
       -> random crop of `samples_for_frames(crop_frames)` samples (short tracks looped or
-         zero-padded), NumPy log-mel front-end (pupujepa_jax.frontend, the one definition)
-      -> local batches {"spectrogram": float32 [batch_size // process_count, frames, mels]}
+         zero-padded)
+      -> local batches {"audio": float32 [batch_size // process_count, crop_samples]}
       -> `mp_prefetch` worker processes (num_workers > 0)
+
+The log-mel front-end runs inside the jitted train step (`frontend.log_mel_jnp` on the
+device, `train_step.batch_spectrogram`), not here: the workers only slice arrays, so on
+a small CPU machine they do not compete with the step for the cores, and on GPUs/TPUs
+the front-end costs next to nothing.
 
 Every random choice is seeded from (run seed, global stream position), so global batches
 are a pure function of (seed, step): the same with 0 or N workers and with 1 or N
@@ -17,8 +22,8 @@ checkpoint next to the model:
     ocp.args.Composite(state=..., data=pipeline.checkpoint_args_restore(iterator))  # restore
 
 Grain's handler writes one `process_<i>-of-<n>.json` per JAX process, so each host
-restores its own shard's position. `global_batches` turns the local batches of all
-processes into global jax.Arrays on the training mesh.
+restores its own shard's position. The trainer turns the local batches of all processes
+into global jax.Arrays on the training mesh (`sharding.global_batch`).
 """
 from __future__ import annotations
 
@@ -80,8 +85,8 @@ def draw_offset(num_samples: int, crop_samples: int, short_policy: str,
   return int(rng.integers(0, num_samples)) if short_policy == "loop" else 0
 
 
-class CropLogMel(grain.transforms.Map):
-  """[(stream position, (record index, record))] -> a local batch of random log-mel crops.
+class CropAudio(grain.transforms.Map):
+  """[(stream position, (record index, record))] -> a local batch of random audio crops.
 
   Each crop's randomness comes from (seed, global stream position) alone, so an example
   is the same whichever process, worker or batch slice computes it.
@@ -89,7 +94,6 @@ class CropLogMel(grain.transforms.Map):
 
   def __init__(self, frontend_cfg: frontend_lib.FrontendConfig, crop_frames: int,
                short_policy: str, seed: int, with_metadata: bool = False):
-    self._frontend = frontend_cfg
     self._crop_samples = frontend_cfg.samples_for_frames(crop_frames)
     self._short_policy = short_policy
     self._seed = seed
@@ -102,7 +106,7 @@ class CropLogMel(grain.transforms.Map):
     rng = np.random.default_rng(_derive_seed(self._seed, 1, position))
     offset = draw_offset(wave.shape[0], self._crop_samples, self._short_policy, rng)
     crop = audio_lib.take_crop(wave, offset, self._crop_samples, self._short_policy)
-    out = {"spectrogram": frontend_lib.log_mel_np(crop, self._frontend)}
+    out = {"audio": np.asarray(crop, np.float32)}
     if self._with_metadata:
       out.update(record_index=np.int64(index), offset=np.int64(offset))
     return out
@@ -176,7 +180,7 @@ def make_pretrain_dataset(data_cfg, frontend_cfg: frontend_lib.FrontendConfig,
   ds = ds.shuffle(seed=_derive_seed(seed, 0)).repeat(None).map_with_index(_with_position)
   ds = ds.batch(local_batch, drop_remainder=True, batch_fn=list)
   ds = ds[process_index::process_count]
-  ds = ds.map(CropLogMel(frontend_cfg, crop_frames, data_cfg.short_policy, seed,
+  ds = ds.map(CropAudio(frontend_cfg, crop_frames, data_cfg.short_policy, seed,
                          with_metadata))
   # Batching before to_iter_dataset: each worker (or read thread) builds whole batches.
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1,
@@ -192,20 +196,13 @@ def make_pretrain_dataset(data_cfg, frontend_cfg: frontend_lib.FrontendConfig,
 def make_pretrain_iterator(data_cfg, frontend_cfg: frontend_lib.FrontendConfig,
                            crop_frames: int, *, seed: int, process_index: int | None = None,
                            process_count: int | None = None) -> grain.DatasetIterator:
-  """Infinite iterator of local batches {"spectrogram": float32 [local_batch, frames, mels]}.
+  """Infinite iterator of local batches {"audio": float32 [local_batch, crop_samples]}.
 
   `get_state()` / `set_state()` save and restore its position (see checkpoint_args_*).
   Call `close()` when done if num_workers > 0 (it stops the worker processes).
   """
   return iter(make_pretrain_dataset(data_cfg, frontend_cfg, crop_frames, seed=seed,
                                     process_index=process_index, process_count=process_count))
-
-
-def global_batches(iterator, mesh):
-  """Yield each process's next local batch as global jax.Arrays sharded over the mesh."""
-  from pupujepa_jax import sharding
-  for local_batch in iterator:
-    yield sharding.global_batch(local_batch, mesh)
 
 
 def checkpoint_args_save(iterator):

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import optax
 
 from pupujepa_jax import config as config_lib
-from pupujepa_jax import masking, models, objectives, optim, sharding
+from pupujepa_jax import frontend, masking, models, objectives, optim, sharding
 
 
 def init_state(cfg, seed: int | None = None) -> dict:
@@ -91,9 +91,17 @@ def predict_and_target(cfg, params, teacher, spectrogram, masks: masking.Masks,
   return pred, targets
 
 
+def batch_spectrogram(cfg, batch: dict):
+  """Log-mel spectrograms [B, T, F] of a batch: the front-end of raw audio crops
+  `batch["audio"]` [B, samples] (what the pipeline yields), or `batch["spectrogram"]`."""
+  if "audio" in batch:
+    return frontend.log_mel_jnp(batch["audio"], config_lib.frontend(cfg))
+  return batch["spectrogram"]
+
+
 def pretrain_step(state: dict, batch: dict, *, cfg) -> tuple[dict, dict]:
-  """One optimizer + EMA step on `batch["spectrogram"]` [B, T, F]. Pure."""
-  spectrogram = batch["spectrogram"]
+  """One optimizer + EMA step on a batch (see `batch_spectrogram`). Pure."""
+  spectrogram = batch_spectrogram(cfg, batch)
   step = state["step"]
   mask_rng, dropout_rng = step_rngs(cfg.seed, step)
   masks = masking.sample_masks(mask_rng, step, config_lib.grid_shape(cfg),
@@ -132,8 +140,9 @@ def state_shardings(cfg, mesh):
 def make_train_step(cfg, mesh):
   """`pretrain_step` jitted over `mesh`: FSDP-sharded, donated state; batch split on all axes."""
   shardings = state_shardings(cfg, mesh)
+  # The batch (a dict of arrays) is split on its leading axis over all devices.
   return jax.jit(functools.partial(pretrain_step, cfg=cfg),
-                 in_shardings=(shardings, {"spectrogram": sharding.batch_sharding(mesh)}),
+                 in_shardings=(shardings, sharding.batch_sharding(mesh)),
                  out_shardings=(shardings, sharding.replicated(mesh)),
                  donate_argnums=0)
 
@@ -145,16 +154,17 @@ def create_sharded_state(cfg, mesh, seed: int | None = None) -> dict:
   return init()
 
 
-def batch_spec(cfg, batch_size: int) -> dict:
-  """Abstract batch of the step: {"spectrogram": [B, crop_frames, n_mels] float32}."""
-  return {"spectrogram": jax.ShapeDtypeStruct(
-      (batch_size, cfg.model.crop_frames, cfg.frontend.n_mels), jnp.float32)}
+def audio_batch_spec(cfg, batch_size: int) -> dict:
+  """Abstract batch as the pipeline yields it: {"audio": [B, crop samples] float32}."""
+  samples = config_lib.frontend(cfg).samples_for_frames(cfg.model.crop_frames)
+  return {"audio": jax.ShapeDtypeStruct((batch_size, samples), jnp.float32)}
 
 
-def step_flops(cfg, batch_size: int) -> float:
-  """FLOPs of one compiled train step, from XLA's cost analysis (CPU/GPU alike)."""
-  lowered = jax.jit(functools.partial(pretrain_step, cfg=cfg)).lower(
-      abstract_state(cfg), batch_spec(cfg, batch_size))
+def step_flops(cfg, batch) -> float:
+  """FLOPs XLA counts in one train step on `batch` (arrays or ShapeDtypeStructs), before
+  optimisation: the cross-check of `models.flops` (which MFU uses)."""
+  lowered = jax.jit(functools.partial(pretrain_step, cfg=cfg)).lower(abstract_state(cfg),
+                                                                      batch)
   cost = lowered.cost_analysis()
   if isinstance(cost, list):
     cost = cost[0]
