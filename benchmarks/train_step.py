@@ -13,8 +13,9 @@ RSS is its own): ours (`train_step.pretrain_step`, jitted) and PyTorch's (the
 release-built reference of tests/release_reference.py: timm EvaBlocks with fused SDPA
 attention, our smooth-L1 loss, AdamW, EMA), on the same spectrogram shapes, then prints
 the ratio. FLOPs are analytic (`pupujepa_jax.models.flops`: the matmuls and attention
-that a step needs, no recomputation), so MFU measures useful work; XLA's own count of the
-compiled step is printed beside it.
+that a step needs, no recomputation), so MFU measures useful work; XLA's own count is
+printed beside it (it counts each while-loop body once: the scanned blocks and the
+blockwise attention loops are undercounted, which is why MFU does not use it).
 """
 from __future__ import annotations
 
@@ -29,6 +30,9 @@ import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from pupujepa_jax import xla_flags  # noqa: E402  (sets XLA_FLAGS before JAX starts)
+
+xla_flags.apply()
 
 # Dense peak FLOP/s per device by compute dtype (vendor datasheets; bf16 = tensor cores,
 # float32 = TF32 tensor cores on NVIDIA, which XLA uses for f32 matmuls by default).

@@ -358,6 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+  from pupujepa_jax import xla_flags
+  xla_flags.apply()  # before any handler starts JAX
   parser = build_parser()
   args, extra = parser.parse_known_args(argv)
   if extra and args.command not in TAKES_OVERRIDES:

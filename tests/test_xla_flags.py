@@ -1,0 +1,27 @@
+"""The project's XLA flags: merged under the user's, and accepted by the installed XLA."""
+import os
+import subprocess
+import sys
+
+from pupujepa_jax import xla_flags
+
+
+def test_user_flags_win_and_nothing_is_added_twice():
+  merged = xla_flags.merged("--xla_gpu_enable_latency_hiding_scheduler=false --foo=1",
+                            {"xla_gpu_enable_latency_hiding_scheduler": "true", "bar": "2"})
+  assert merged == "--xla_gpu_enable_latency_hiding_scheduler=false --foo=1 --bar=2"
+  assert xla_flags.merged(merged, {"bar": "3"}) == merged
+
+
+def test_the_installed_xla_accepts_every_flag_we_set():
+  """XLA aborts at start-up on an unknown flag: a JAX computation in a fresh process
+  with the project's flags must run."""
+  env = dict(os.environ, XLA_FLAGS="")
+  code = ("from pupujepa_jax import xla_flags; flags = xla_flags.apply(); import jax; "
+          "print(int(jax.numpy.ones(3).sum()), flags)")
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                       text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.startswith("3 ")
+  for name in xla_flags.GPU_FLAGS:
+    assert f"--{name}=" in out.stdout
