@@ -107,13 +107,15 @@ def run_jax(cfg, steps: int, inputs: str) -> dict:
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
   device = jax.devices()[0]
+  memory = device.memory_stats() or {}  # accelerators report their peak; CPUs do not
   return {"side": "jax", "backend": jax.default_backend(), "device": device.device_kind,
           "devices": jax.device_count(), "attention": cfg.attention, "remat": cfg.remat,
           "dtype": cfg.compute_dtype, "inputs": inputs,
           "compile_plus_first_step_s": round(first, 2), "step_s": round(min(times), 4),
           "step_s_median": round(sorted(times)[len(times) // 2], 4),
           "xla_counted_gflop": round(xla_flops / 1e9, 1),
-          "loss": float(metrics["loss"]), "peak_rss_gb": round(_peak_rss_gb(), 2)}
+          "loss": float(metrics["loss"]), "peak_rss_gb": round(_peak_rss_gb(), 2),
+          "peak_device_gb": round(memory.get("peak_bytes_in_use", 0) / 1e9, 2) or None}
 
 
 def run_torch(cfg, steps: int) -> dict:
