@@ -5,7 +5,7 @@ VENV_STAMP := .venv/.installed
 
 $(VENV_STAMP): setup.py
 	test -x $(PY) || python3 -m venv .venv
-	$(PIP) install -q -e '.[test,reference]'
+	$(PIP) install -q -e '.[all,test,reference]'
 	# tinysoundfont's declared pyaudio dependency does not build and is not needed to render.
 	$(PIP) install -q --no-deps 'tinysoundfont>=0.3.7'
 	touch $(VENV_STAMP)

@@ -13,6 +13,25 @@ import sys
 
 # Subcommands that take `--config.a.b=value` overrides after their own arguments.
 TAKES_OVERRIDES = ("info", "masks", "train", "sweep")
+# Optional dependencies: the install extra (setup.py) that brings each top-level module.
+EXTRA_OF_MODULE = {
+    "grain": "train", "tensorflow_datasets": "data", "array_record": "data",
+    "etils": "data", "threadpoolctl": "data", "tensorboardX": "train",
+    "sklearn": "eval", "mir_eval": "eval", "librosa": "eval", "matplotlib": "eval",
+    "music21": "offline", "pretty_midi": "offline", "tinysoundfont": "offline",
+    "torch": "reference", "timm": "reference",
+}
+
+
+def missing_dependency_message(error: ModuleNotFoundError) -> str:
+  """What to install for a module of an extra; the import error itself otherwise."""
+  module = (error.name or "").split(".")[0]
+  if module in EXTRA_OF_MODULE:
+    extra = EXTRA_OF_MODULE[module]
+    hint = " (and: pip install --no-deps tinysoundfont)" if extra == "offline" else ""
+    return (f"this command needs {module!r}, an optional dependency: "
+            f"pip install 'pupujepa_jax[{extra}]'{hint}")
+  return str(error)
 
 
 def _print_json(obj) -> None:
@@ -366,6 +385,9 @@ def main(argv=None) -> int:
     parser.error(f"unrecognised arguments: {' '.join(extra)}")
   try:
     args.func(args, extra)
+  except ModuleNotFoundError as e:
+    print(f"pupujepa {args.command}: error: {missing_dependency_message(e)}", file=sys.stderr)
+    return 2
   except (ValueError, FileNotFoundError, KeyError, RuntimeError, OSError) as e:
     print(f"pupujepa {args.command}: error: {e}", file=sys.stderr)
     return 2
