@@ -221,6 +221,20 @@ def test_sigkill_during_a_reingest_keeps_the_old_dataset(tmp_path):
   assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "first", "second"]
 
 
+def test_a_dataset_moved_aside_by_a_killed_swap_is_put_back(tmp_path):
+  # Where renameat2 cannot exchange folders, ingest renames the old dataset aside first; a
+  # kill right then leaves this state, which the next ingest repairs.
+  first = _tones(tmp_path / "first", ["a.wav"])
+  out = tmp_path / "ds"
+  ingest_lib.ingest(first, out)
+  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                        capture_output=True, text=True, check=True).stdout.strip()
+  out.rename(tmp_path / f".ds.ingest-{dead}-0000.old")
+  assert ingest_lib.ingest(first, out)["reused"]
+  assert _paths(out) == ["a.wav"]
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "first"]
+
+
 def _doctor(dataset_dir: pathlib.Path, module: str) -> pathlib.Path:
   """Names `module` as the class of the `path` feature in features.json."""
   path = dataset_dir / dataset_format.FEATURES_FILE
