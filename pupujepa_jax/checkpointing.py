@@ -234,8 +234,7 @@ def _restore_verified(manager, step, abstract_state, shardings, data_args):
   try:
     restored = manager.restore(step, args=ocp.args.Composite(**args))
   except Exception as e:  # orbax and tensorstore raise many types for damaged files
-    raise CheckpointDamagedError(f"{where} is damaged: unreadable "
-                                 f"({type(e).__name__}: {e})") from e
+    raise CheckpointDamagedError(f"{where} is damaged: unreadable ({_one_line(e)})") from e
   state, record = restored["state"], restored[RECORD_ITEM]
   if not isinstance(record, dict) or not isinstance(record.get("digests"), dict) \
       or record.get("step") != step:
@@ -261,7 +260,7 @@ def _check_shapes(where: str, state_dir: pathlib.Path, abstract_state) -> None:
               for p, m in jax.tree_util.tree_leaves_with_path(stored)}
   except Exception as e:  # a damaged _METADATA file: the step is unreadable, not foreign
     raise CheckpointDamagedError(f"{where} is damaged: its array metadata is unreadable "
-                                 f"({type(e).__name__}: {e})") from e
+                                 f"({_one_line(e)})") from e
   expected = {path_name(p): (tuple(a.shape), np.dtype(a.dtype))
               for p, a in jax.tree_util.tree_leaves_with_path(abstract_state)}
   order = lambda n: (not n.startswith("params/"), n)  # the model's own arrays first
@@ -275,6 +274,12 @@ def _check_shapes(where: str, state_dir: pathlib.Path, abstract_state) -> None:
     raise CheckpointMismatchError(
         f"{where} holds another model than this config ({len(problems)} differences: "
         + "; ".join(problems[:3]) + "); the model's shape cannot change when resuming")
+
+
+def _one_line(error: Exception, limit: int = 300) -> str:
+  """`Type: message` on one line (refusals are one line), cut to `limit` characters."""
+  text = " ".join(f"{type(error).__name__}: {error}".split())
+  return text if len(text) <= limit else text[:limit] + " ..."
 
 
 def _some(names: list[str], limit: int = 3) -> str:

@@ -18,8 +18,8 @@ Good checkpoints. The checkpoint of step S (the state after S updates) is *good*
   3. the loss computed on it (logged at step S) is finite and at most DIVERGENCE_FACTOR
      times the loss logged just before the previous good checkpoint was written.
 The previous good checkpoint is the one this run last confirmed, else the one it
-resumed from; when neither carries these numbers (a fresh run, imported weights), the
-run's first logged step stands in. Bounds relative to the previous good checkpoint let
+resumed from; when neither carries these numbers (a fresh run, imported weights, a
+resume with another `loss`), the run's first logged step stands in. Bounds relative to the previous good checkpoint let
 the loss and the weights drift over a long run while a blow-up between two checkpoints
 is caught; the price is that a run growing just under tenfold per checkpoint is only
 stopped once its loss turns non-finite. A state failing 1 or 2 is never written; a
@@ -31,6 +31,7 @@ yet (the last one of a run) counts as good once the next run has logged its step
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import pathlib
@@ -102,9 +103,10 @@ class _StopSignal:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def health(record: dict) -> dict:
+def health(record: dict, objective: str) -> dict:
   """The numbers a checkpoint is judged by, from the metrics of the step before it."""
-  return {"loss": float(record["loss"]), "param_norm": float(record["param_norm"])}
+  return {"loss": float(record["loss"]), "param_norm": float(record["param_norm"]),
+          "objective": objective}
 
 
 def _exceeds(value: float, reference: float) -> bool:
@@ -121,11 +123,12 @@ def train(cfg, workdir, *, stop_after: int | None = None, progress: bool = True,
   config_lib.validate(cfg, jax.device_count())
   workdir = pathlib.Path(workdir)
   workdir_lib.check_config(cfg, workdir, allow_config_change)  # refuses before any write
-  with workdir_lib.exclusive(workdir):
-    return _train(cfg, workdir, stop_after, progress)
+  with workdir_lib.exclusive(workdir), contextlib.ExitStack() as cleanup:
+    return _train(cfg, workdir, stop_after, progress, cleanup)
 
 
-def _train(cfg, workdir: pathlib.Path, stop_after, progress) -> TrainResult:
+def _train(cfg, workdir: pathlib.Path, stop_after, progress, cleanup) -> TrainResult:
+  """The run, inside the workdir's lock; `cleanup` closes what it opens, also on errors."""
   from data_pipelines import pipeline  # heavy (grain, tfds): only when training
 
   mesh = sharding.mesh_from_config(cfg)
@@ -134,8 +137,11 @@ def _train(cfg, workdir: pathlib.Path, stop_after, progress) -> TrainResult:
   protected = set()  # steps rotation must keep: resumed-from and last good
   manager = checkpointing.make_manager(workdir, cfg.checkpoint.keep, cfg.checkpoint.keep_period,
                                        protect=protected)
+  cleanup.callback(manager.close)
+  cleanup.callback(manager.wait_until_finished)  # runs first: callbacks unwind in reverse
   iterator = pipeline.make_pretrain_iterator(cfg.data, config_lib.frontend(cfg),
                                              cfg.model.crop_frames, seed=cfg.seed)
+  cleanup.callback(iterator.close)  # stops Grain worker processes
   where = checkpointing.checkpoint_dir(workdir)
   rejected, resumed_from, reference = {}, None, None
   if manager.latest_step() is not None:
@@ -145,6 +151,8 @@ def _train(cfg, workdir: pathlib.Path, stop_after, progress) -> TrainResult:
     if rejected:
       checkpointing.set_aside(manager, rejected)
     start, state, reference = restored.step, restored.state, restored.health
+    if reference and reference.get("objective") != cfg.loss:  # losses of another scale
+      reference = None
     resumed_from = start
     protected.add(start)
   else:
@@ -153,6 +161,7 @@ def _train(cfg, workdir: pathlib.Path, stop_after, progress) -> TrainResult:
   end = cfg.total_steps if stop_after is None else min(cfg.total_steps, start + stop_after)
   writer = metrics_lib.MetricWriter(workdir, cfg.total_steps, start,
                                     enabled=jax.process_index() == 0, progress=progress)
+  cleanup.callback(writer.close)
   tokens_per_example = int(np.prod(config_lib.grid_shape(cfg)))
   pending, last, step = [], {}, start
   # The checkpoint whose own loss is still to be seen (see "Good checkpoints") and its
@@ -175,7 +184,7 @@ def _train(cfg, workdir: pathlib.Path, stop_after, progress) -> TrainResult:
       if previous != resumed_from:
         protected.discard(previous)
       return
-    why = (f"loss is {loss} at step {s}, computed on checkpoint {ckpt}"
+    why = (f"loss is {loss:.4g} at step {s}, computed on checkpoint {ckpt}"
            + ("" if not math.isfinite(loss) else
               f", more than {DIVERGENCE_FACTOR:g}x the previous good checkpoint's "
               f"{reference['loss']:.4g}"))
@@ -194,7 +203,7 @@ def _train(cfg, workdir: pathlib.Path, stop_after, progress) -> TrainResult:
     rate = steps_done / elapsed if elapsed > 0 else float("nan")
     for (s, _), m in zip(pending, fetched):
       if reference is None:
-        reference = health(m)  # a fresh run (or imported weights): its first step
+        reference = health(m, cfg.loss)  # fresh, imported or new objective: first step
       if unconfirmed is not None and unconfirmed[0] == s:
         judge_loss(s, float(m["loss"]))
       elif not np.isfinite(m["loss"]):
@@ -212,7 +221,7 @@ def _train(cfg, workdir: pathlib.Path, stop_after, progress) -> TrainResult:
     nonlocal unconfirmed
     flush()  # never judge or save a state whose predecessors' losses were not checked
     summary = checkpointing.summarize(state)
-    numbers = health(last) if last.get("step") == step - 1 else None
+    numbers = health(last, cfg.loss) if last.get("step") == step - 1 else None
     if summary.non_finite:
       raise DivergenceError(f"the state at step {step} holds NaN or Inf "
                             f"({', '.join(summary.non_finite[:3])}); not saved. "
@@ -226,24 +235,19 @@ def _train(cfg, workdir: pathlib.Path, stop_after, progress) -> TrainResult:
                        health=numbers, force=force, summary=summary)
     unconfirmed = (step, numbers)
 
-  try:
-    with _StopSignal() as stop:
-      while step < end and not stop.received:
-        batch = sharding.global_batch(next(iterator), mesh)
-        state, step_metrics = step_fn(state, batch)
-        pending.append((step, step_metrics))
-        step += 1
-        if step % cfg.log_every == 0:
-          flush()
-        if step % cfg.checkpoint.every == 0:
-          checkpoint()
-      if manager.latest_step() != step:
-        checkpoint(force=True)
-      flush()
-  finally:
-    manager.wait_until_finished()
-    manager.close()
-    writer.close()
+  with _StopSignal() as stop:
+    while step < end and not stop.received:
+      batch = sharding.global_batch(next(iterator), mesh)
+      state, step_metrics = step_fn(state, batch)
+      pending.append((step, step_metrics))
+      step += 1
+      if step % cfg.log_every == 0:
+        flush()
+      if step % cfg.checkpoint.every == 0:
+        checkpoint()
+    if manager.latest_step() != step:
+      checkpoint(force=True)
+    flush()
   return TrainResult(final_step=step, last_metrics=last, stopped_by_signal=stop.received,
                      workdir=str(workdir), resumed_from=resumed_from,
                      rejected_checkpoints=rejected)

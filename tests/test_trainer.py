@@ -188,13 +188,31 @@ def test_divergence_stops_at_the_last_good_checkpoint(tone_folder, tmp_path):
   # A NaN loss (every=2: no checkpoint catches the weights first) names the same step.
   diverging = config(1e30)
   diverging.checkpoint.every = 2
-  with pytest.raises(trainer.DivergenceError, match="Last good checkpoint: 6 under"):
+  with pytest.raises(trainer.NonFiniteLossError,
+                     match="loss is nan at step 7; stopping. Last good checkpoint: 6 under"):
     trainer.train(diverging, tmp_path, progress=False, allow_config_change=True)
   assert checkpointing.make_manager(tmp_path, read_only=True).latest_step() == 6
   result = trainer.train(sane, tmp_path, stop_after=2, progress=False,
                          allow_config_change=True)
   assert result.resumed_from == 6 and result.final_step == 8
   assert all(np.isfinite(_losses(tmp_path)[s]) for s in (6, 7))
+
+
+def test_a_checkpoint_whose_own_loss_explodes_is_set_aside(tone_folder, tmp_path):
+  """At lr 30 the loss explodes one step before the weights do (73.8 at step 3 after
+  3.6 at step 2): checkpoint 3 passes the checks made when it is written, the loss
+  computed on it does not, so it is moved aside and checkpoint 2 is named."""
+  cfg = _config(tone_folder, total_steps=40)
+  cfg.optim.update(lr=30.0, warmup_steps=40)
+  cfg.checkpoint.every = 1
+  with pytest.raises(trainer.DivergenceError, match=r"computed on checkpoint 3, more than "
+                     r"10x .*Last good checkpoint: 2 under") as info:
+    trainer.train(cfg, tmp_path, progress=False)
+  assert info.value.last_good_step == 2
+  assert checkpointing.make_manager(tmp_path, read_only=True).latest_step() == 2
+  reason = (tmp_path / "checkpoints_rejected" / "3" / "REASON").read_text()
+  assert reason.startswith("diverged: loss is 73.")
+  assert workdir_lib.restore(tmp_path)[2] == 2
 
 
 def test_restore_onto_other_meshes(uninterrupted, tone_folder):
