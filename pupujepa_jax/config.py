@@ -232,6 +232,8 @@ def validate(cfg, num_devices: int | None = None) -> None:
   _one_of("attention", cfg.attention, attention.KERNELS)
   _one_of("data.short_policy", cfg.data.short_policy, SHORT_POLICIES)
   _one_of("data.source", cfg.data.source, DATA_SOURCES)
+  if not 0 <= cfg.seed < 2 ** 32:  # jax keys keep 32 bits of it, Grain refuses negatives
+    raise ConfigError(f"seed={cfg.seed} must be in [0, 2**32)")
   if not 0.0 <= cfg.model.drop_path < 1.0:
     raise ConfigError(f"model.drop_path={cfg.model.drop_path} must be in [0, 1)")
   for name in ("total_steps", "log_every", "checkpoint.every", "data.batch_size",

@@ -61,13 +61,15 @@ def test_fields_that_may_be_zero_but_not_negative(field):
 
 
 @pytest.mark.parametrize("field, value, culprit", [
+    ("seed", -1, r"seed=-1 must be in \[0, 2\*\*32\)"),
+    ("seed", 2 ** 32, r"seed=4294967296 must be in \[0, 2\*\*32\)"),
     ("model.num_heads", 0, "model.num_heads=0 is outside the accepted range"),
     ("model.patch_time", 0, "model.patch_time=0 is outside the accepted range"),
     ("model.width", 0, "model.width=0 is outside the accepted range"),
     ("predictor.num_heads", 0, "predictor.num_heads=0 is outside"),
     ("model.num_heads", 5, "model.width=192 is not divisible by model.num_heads=5"),
 ])
-def test_model_fields_are_bounded(field, value, culprit):
+def test_fields_are_bounded(field, value, culprit):
   with pytest.raises(config_lib.ConfigError, match=culprit):
     config_lib.validate(_config(**{field: value}))
 
