@@ -44,3 +44,21 @@ def feature_std(features):
   """Per-dimension std over all tokens of a [B, N, D] batch, averaged over D (collapse alarm)."""
   flat = features.reshape(-1, features.shape[-1]).astype(jnp.float32)
   return flat.std(axis=0).mean()
+
+
+def rank_me(features, eps: float = 1e-7):
+  """RankMe (Garrido et al., 2023): the effective rank exp(H(p)) of token features
+  [..., D], p the singular values normalised to sum 1. D for isotropic features, 1 for
+  collapsed ones. Singular values come from the D x D Gram matrix (cheap for any N)."""
+  flat = features.reshape(-1, features.shape[-1]).astype(jnp.float32)
+  eig = jnp.linalg.eigvalsh(flat.T @ flat)
+  sigma = jnp.sqrt(jnp.clip(eig, 0.0))
+  p = sigma / sigma.sum() + eps
+  return jnp.exp(-(p * jnp.log(p)).sum())
+
+
+def mean_cosine(a, b):
+  """Mean cosine similarity of the last-axis vectors of a and b (predictions vs targets)."""
+  a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+  cos = (a * b).sum(-1) / (jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1) + 1e-6)
+  return cos.mean()

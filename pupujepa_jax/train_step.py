@@ -57,10 +57,11 @@ def gather_tokens(tokens, index):
 
 
 def predict_and_target(cfg, params, teacher, spectrogram, masks: masking.Masks,
-                       dropout_rng=None):
+                       dropout_rng=None, return_context: bool = False):
   """(predictions, teacher targets) [B, Lt, D] of one batch, as the release's forward.
 
   Targets carry no gradient. With `dropout_rng=None` drop-path is off (evaluation).
+  `return_context` adds the student's context features [B, Lc, D] (for monitoring).
   """
   arch, runtime = config_lib.architecture(cfg), config_lib.runtime(cfg)
   grid = config_lib.grid_shape(cfg)
@@ -88,7 +89,7 @@ def predict_and_target(cfg, params, teacher, spectrogram, masks: masking.Masks,
                                     deterministic=not train)
   pred = predictor.apply({"params": params["predictor"]}, context, masks.context,
                          masks.target, rngs=rngs)
-  return pred, targets
+  return (pred, targets, context) if return_context else (pred, targets)
 
 
 def batch_spectrogram(cfg, batch: dict):
@@ -108,11 +109,12 @@ def pretrain_step(state: dict, batch: dict, *, cfg) -> tuple[dict, dict]:
                                spectrogram.shape[0], config_lib.mask(cfg))
 
   def loss_fn(params):
-    pred, targets = predict_and_target(cfg, params, state["teacher"], spectrogram, masks,
-                                       dropout_rng)
-    return objectives.latent_loss(pred, targets, cfg.loss), (pred, targets)
+    pred, targets, context = predict_and_target(cfg, params, state["teacher"], spectrogram,
+                                                masks, dropout_rng, return_context=True)
+    return objectives.latent_loss(pred, targets, cfg.loss), (pred, targets, context)
 
-  (loss, (pred, targets)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+  (loss, (pred, targets, context)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state["params"])
   optimizer = optim.make_optimizer(cfg, step)
   updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
@@ -126,8 +128,15 @@ def pretrain_step(state: dict, batch: dict, *, cfg) -> tuple[dict, dict]:
       "ema_momentum": momentum,
       "grad_norm": optax.tree.norm(grads),
       "param_norm": optax.tree.norm(params),
-      "teacher_std": objectives.feature_std(targets),
       "mask_strategy": masks.strategy,
+      # Learning monitors (cheap next to the step): feature spread of both encoders
+      # (collapse alarm), the effective rank of the teacher's tokens (RankMe), and how
+      # well the predictor points at its (layer-normed) targets.
+      "teacher_std": objectives.feature_std(targets),
+      "student_std": objectives.feature_std(jax.lax.stop_gradient(context)),
+      "teacher_rank": objectives.rank_me(targets),
+      "prediction_cosine": objectives.mean_cosine(jax.lax.stop_gradient(pred),
+                                                  objectives.layer_norm(targets)),
   }
   new_state = {"step": step + 1, "params": params, "teacher": teacher, "opt_state": opt_state}
   return new_state, metrics
