@@ -49,7 +49,8 @@ def feature_std(features):
 def rank_me(features, eps: float = 1e-7):
   """RankMe (Garrido et al., 2023): the effective rank exp(H(p)) of token features
   [..., D], p the singular values normalised to sum 1. D for isotropic features, 1 for
-  collapsed ones. Singular values come from the D x D Gram matrix (cheap for any N)."""
+  collapsed ones. Singular values come from the D x D Gram matrix (cheap for any N; its
+  float32 eigenvalues put a floor of about 0.04 above 1 for rank-one features)."""
   flat = features.reshape(-1, features.shape[-1]).astype(jnp.float32)
   eig = jnp.linalg.eigvalsh(flat.T @ flat)
   sigma = jnp.sqrt(jnp.clip(eig, 0.0))
