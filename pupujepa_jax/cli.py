@@ -203,10 +203,11 @@ def cmd_attention(args, extra):
     wave = audio.load_audio(args.audio, model.sample_rate)
     info = viz.encoder_attention_png(model, wave, model.sample_rate, args.out, args.layer,
                                      query, args.start_seconds)
-  else:
-    wave = audio.load_audio(args.audio, 24_000)
-    info = viz.predictor_attention_png(args.workdir, wave, 24_000, args.out, args.layer,
-                                       query, args.step, args.seed)
+  else:  # decoded at the released rate; the picture resamples to the run's front-end
+    from pupujepa_jax import frontend
+    wave = audio.load_audio(args.audio, frontend.SAMPLE_RATE)
+    info = viz.predictor_attention_png(args.workdir, wave, frontend.SAMPLE_RATE, args.out,
+                                       args.layer, query, args.step, args.seed)
   _print_json(info)
 
 
@@ -220,7 +221,8 @@ def _add_model_commands(sub) -> None:
   p = sub.add_parser("masks", help="statistics (and a picture) of sampled masks")
   p.add_argument("--config", required=True)
   p.add_argument("--strategy", default="random",
-                 choices=["curriculum", "random", "block", "time_frequency", "multiblock"])
+                 help="curriculum (the schedule at --step) or one strategy: random, block, "
+                      "time_frequency, multiblock")
   p.add_argument("--n", type=int, default=64)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--step", type=int, default=0, help="curriculum step (strategy=curriculum)")

@@ -13,6 +13,7 @@ batch=, steps=, fsdp=, bf16, remat, smoke) and returns that config unchanged: ev
 `sweep()` differs from it only by its overrides.
 """
 from experiments import pupujepa
+from pupujepa_jax import masking
 
 
 def get_config(arg: str = ""):
@@ -22,7 +23,7 @@ def get_config(arg: str = ""):
 def sweep():
   """The runs: `{"name", "overrides": {dotted field: value}}` on top of get_config."""
   single = [{"name": f"only_{s}", "overrides": {"mask.strategy": s}}
-            for s in ("random", "block", "time_frequency", "multiblock")]
+            for s in masking.STRATEGIES]
   mixes = [
       # The default curriculum (random first, block/tf ramped in) and the same final mix
       # from step 0: does the warm-up matter?
