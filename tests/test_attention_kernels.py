@@ -122,3 +122,15 @@ def test_every_kernel_runs_in_the_model():
   for kernel, out in outs.items():
     np.testing.assert_allclose(np.asarray(out), np.asarray(outs["xla"]), atol=1e-5,
                                err_msg=kernel)
+
+
+@pytest.mark.parametrize("heads_per_step", [1, 3, 4])  # 4 does not divide 6 pairs: 3
+def test_blockwise_head_loop_matches_reference(heads_per_step):
+  q, k, v, cot = _qkv(150, 150, heads=3, batch=2, seed=5)
+  fn = functools.partial(attention.blockwise_attention, block_q=64, block_k=64,
+                         heads_per_step=heads_per_step)
+  got = _value_and_grads(jax.jit(fn), q, k, v, cot)
+  want = _value_and_grads(attention.reference_attention, q, k, v, cot)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b),
+                               atol=2e-5 * float(jnp.abs(b).max()), rtol=0)

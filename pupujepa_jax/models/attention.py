@@ -35,6 +35,7 @@ KERNELS = ("auto", "xla", "blockwise", "cudnn", "splash")
 # released grids, 2048 tokens, so the online softmax never has to rescale there).
 BLOCK_Q = 256
 BLOCK_K = 2048
+HEADS_PER_STEP = 1
 SPLASH_BLOCK = 128
 CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 _NEG = -1e30  # logit of a padded key: exp() underflows to exactly 0
@@ -220,9 +221,27 @@ def _flash_fwd_rule(q, k, v, block_q, block_k):
 _flash.defvjp(_flash_fwd_rule, _flash_backward)
 
 
-def blockwise_attention(q, k, v, block_q: int = BLOCK_Q, block_k: int = BLOCK_K):
-  """Memory-light attention (see module docstring); any Nq, Nk (padding is masked)."""
-  return _flash(q, k, v, int(block_q), int(block_k))
+def blockwise_attention(q, k, v, block_q: int = BLOCK_Q, block_k: int = BLOCK_K,
+                        heads_per_step: int | None = HEADS_PER_STEP):
+  """Memory-light attention (see module docstring); any Nq, Nk (padding is masked).
+
+  With `heads_per_step`, the (batch x head) pairs are processed that many at a time in a
+  sequential loop, so one block's logits ([heads_per_step, block_q, block_k]) stay in
+  the CPU's caches; None processes all pairs in every block.
+  """
+  if heads_per_step is None:
+    return _flash(q, k, v, int(block_q), int(block_k))
+  b, n_q, h, d = q.shape
+  pairs = b * h
+  chunk = max(c for c in range(1, min(heads_per_step, pairs) + 1) if pairs % c == 0)
+
+  def per_pair(x):  # [B, N, H, d] -> [pairs / chunk, chunk, N, 1, d]
+    x = jnp.swapaxes(x, 1, 2).reshape(pairs, x.shape[1], 1, d)
+    return x.reshape(pairs // chunk, chunk, *x.shape[1:])
+
+  out = jax.lax.map(lambda xs: _flash(*xs, int(block_q), int(block_k)),
+                    (per_pair(q), per_pair(k), per_pair(v)))
+  return jnp.swapaxes(out.reshape(b, h, n_q, d), 1, 2)
 
 
 # ------------------------------------------------------------------------------ splash
