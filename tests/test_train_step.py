@@ -8,6 +8,8 @@ import pytest
 
 from pupujepa_jax import config as config_lib
 from pupujepa_jax import objectives, optim, sharding, train_step
+from tests import step_reference as ref
+from tests import test_objectives
 
 SMOKE = "experiments/pupujepa.py:smoke"
 
@@ -187,3 +189,142 @@ def test_unknown_variant_key_and_mesh_errors():
   cfg.data.batch_size = 12
   with pytest.raises(config_lib.ConfigError, match="batch_size"):
     config_lib.validate(cfg, 8)
+
+
+# --------------------------------------------- step variants against a second path (issue 15)
+
+
+def _predict_and_target(cfg, state, spectrogram, masks, dropout_rng=None):
+  fn = jax.jit(lambda p, t, s, m, r: train_step.predict_and_target(cfg, p, t, s, m, r))
+  return fn(state["params"], state["teacher"], spectrogram, masks, dropout_rng)
+
+
+def _step_loss_and_grads(cfg, state, spectrogram, masks, dropout_rng):
+  """(loss, grads) of the loss `pretrain_step` differentiates."""
+  def loss(params):
+    pred, targets = train_step.predict_and_target(cfg, params, state["teacher"], spectrogram,
+                                                  masks, dropout_rng)
+    return objectives.latent_loss(pred, targets, cfg.loss)
+  return jax.jit(jax.value_and_grad(loss))(state["params"])
+
+
+def test_teacher_modes_match_a_second_path_and_differ():
+  """full_grid == the released embedding of the whole grid, then gathered; targets_only
+  == the teacher on each example's target tokens alone. The real step's logged loss and
+  teacher_std are recomputed in NumPy from those targets. The two modes differ (in
+  full_grid the targets attend to the context tokens too)."""
+  targets = {}
+  for mode in ("targets_only", "full_grid"):
+    cfg = ref.smoke_cfg(teacher_mode=mode)
+    state = ref.start_state(cfg, step=5)
+    spectrogram = ref.batch(cfg)["spectrogram"]
+    masks, dropout_rng = ref.step_masks(cfg, state["step"], spectrogram.shape[0])
+    want = ref.reference_targets(cfg, state["params"], state["teacher"], spectrogram, masks)
+    pred, got = jax.device_get(_predict_and_target(cfg, state, spectrogram, masks))
+    # Measured bit-identical on CPU (features of std 1.0); 1e-5 leaves room for another
+    # backend's summation order and is 35000x below the gap between the modes.
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5, err_msg=mode)
+    _, metrics = jax.device_get(ref.step_fn(cfg)(state, {"spectrogram": spectrogram}))
+    np.testing.assert_allclose(metrics["teacher_std"],
+                               want.reshape(-1, want.shape[-1]).astype(np.float64)
+                               .std(0).mean(), rtol=1e-5, err_msg=mode)
+    # drop_path is 0 in smoke: the training forward equals the evaluation one.
+    np.testing.assert_allclose(metrics["loss"], test_objectives._np_loss(cfg.loss, pred, want),
+                               rtol=1e-5, err_msg=mode)
+    targets[mode] = want
+  gap = np.abs(targets["full_grid"] - targets["targets_only"]).max()
+  assert gap > 0.05, gap  # measured 0.36 (features of std 1.0)
+
+
+def test_bf16_compute_matches_float32_and_keeps_float32_state():
+  cfg32 = ref.smoke_cfg()
+  cfg16 = ref.smoke_cfg(compute_dtype="bfloat16")
+  state = ref.start_state(cfg32, step=5)
+  spectrogram = ref.batch(cfg32)["spectrogram"]
+  new32, m32 = jax.device_get(ref.step_fn(cfg32)(state, {"spectrogram": spectrogram}))
+  new16, m16 = jax.device_get(ref.step_fn(cfg16)(state, {"spectrogram": spectrogram}))
+  # One step from the same state and batch. Measured relative differences: loss 4.6e-4,
+  # grad norm 2.1e-2 (bfloat16 keeps 8 significant bits, 4e-3 per rounding; the backward
+  # pass compounds them). Bounds ~4x the measurements.
+  rel_loss = abs(m16["loss"] - m32["loss"]) / m32["loss"]
+  rel_grad = abs(m16["grad_norm"] - m32["grad_norm"]) / m32["grad_norm"]
+  assert rel_loss < 2e-3 and rel_grad < 8e-2, (rel_loss, rel_grad)
+  # bf16 is really in effect (the predictions are bfloat16 and the loss moved) ...
+  masks, _ = ref.step_masks(cfg16, state["step"], spectrogram.shape[0])
+  pred, targets = _predict_and_target(cfg16, state, spectrogram, masks)
+  assert pred.dtype == jnp.bfloat16 and targets.dtype == jnp.bfloat16
+  assert rel_loss > 1e-6
+  # ... while params, teacher and optimizer state stay float32 after the step (all but
+  # Adam's integer count).
+  for part in ("params", "teacher", "opt_state"):
+    dtypes = {x.dtype for x in jax.tree.leaves(new16[part])
+              if not np.issubdtype(x.dtype, np.integer)}
+    assert dtypes == {np.dtype(np.float32)}, (part, dtypes)
+
+
+@pytest.mark.parametrize("remat", ["dots", "full"])
+def test_remat_gives_the_loss_and_gradients_of_no_remat(remat):
+  """With drop-path on (0.5 at the last block), so the recomputed forward must also
+  redraw the same drop masks."""
+  base = ref.smoke_cfg(model=dict(drop_path=0.5))
+  cfg = ref.smoke_cfg(model=dict(drop_path=0.5), remat=remat)
+  state = ref.start_state(base, step=5)
+  spectrogram = ref.batch(base)["spectrogram"]
+  masks, dropout_rng = ref.step_masks(base, state["step"], spectrogram.shape[0])
+  loss0, grads0 = _step_loss_and_grads(base, state, spectrogram, masks, dropout_rng)
+  loss1, grads1 = _step_loss_and_grads(cfg, state, spectrogram, masks, dropout_rng)
+  # Measured: identical to the bit. A tolerance of float32 round-off all the same.
+  np.testing.assert_allclose(float(loss1), float(loss0), rtol=1e-6)
+  for path, g1, g0 in zip(jax.tree_util.tree_leaves_with_path(grads1),
+                          jax.tree.leaves(grads1), jax.tree.leaves(grads0)):
+    np.testing.assert_allclose(np.asarray(g1), np.asarray(g0), rtol=1e-5, atol=1e-7,
+                               err_msg=jax.tree_util.keystr(path[0]))
+  # The comparison has teeth: the drop masks matter. Another dropout key changes the
+  # last student block's gradients (an example whose block is dropped contributes none)
+  # by far more than the tolerance above (measured 3.2e-3, on gradients up to 4.8e-3).
+  _, grads2 = _step_loss_and_grads(base, state, spectrogram, masks,
+                                   jax.random.fold_in(dropout_rng, 1))
+  last = lambda g: jax.tree.map(lambda x: np.asarray(x)[-1], g["student"]["blocks"])
+  assert ref.max_abs_diff(last(grads2), last(grads0)) > 1e-4
+  # ... and remat is really applied, with its policy: the forward program holds `remat`
+  # equations with the policy's name, and none without remat.
+  def program(c):
+    return str(jax.make_jaxpr(lambda p: objectives.latent_loss(*train_step.predict_and_target(
+        c, p, state["teacher"], spectrogram, masks, dropout_rng), c.loss))(state["params"]))
+  policy = {"dots": "policy=DotsSaveable", "full": "policy=<function nothing_saveable"}
+  jaxpr = program(cfg)
+  assert "remat" in jaxpr and policy[remat] in jaxpr
+  assert "remat" not in program(base)
+
+
+def test_step_keeps_the_teacher_sharded_like_the_student():
+  """FSDP: the compiled step's outputs put every teacher leaf where the matching student
+  leaf is (and where the next step's inputs expect it), and a state whose teacher is
+  replicated is refused rather than silently run."""
+  cfg = config_lib.load_config(SMOKE)
+  cfg.mesh.fsdp = 2
+  mesh = sharding.make_mesh(4, 2)
+  step_fn = train_step.make_train_step(cfg, mesh)
+  state = train_step.create_sharded_state(cfg, mesh)
+  batch = sharding.global_batch(_batch(cfg), mesh)
+  out = step_fn.lower(state, batch).compile().output_shardings[0]
+  expected = train_step.state_shardings(cfg, mesh)["teacher"]
+  student = {k: out["params"]["student"][k] for k in ("blocks", "norm")}
+
+  def same(t, s, e, x):
+    return t.is_equivalent_to(s, x.ndim) and t.is_equivalent_to(e, x.ndim)
+  agree = jax.tree.map(same, out["teacher"], student, expected,
+                       train_step.abstract_state(cfg)["teacher"])
+  assert all(jax.tree.leaves(agree)), agree
+  split = [not t.is_fully_replicated for t in jax.tree.leaves(out["teacher"])]
+  assert sum(split) >= 4  # qkv, proj, fc1, fc2 kernels at least are split over fsdp
+  # The arrays a real step returns follow: half of the teacher's qkv kernel per device.
+  new, _ = step_fn(state, batch)
+  qkv = new["teacher"]["blocks"]["attn"]["qkv"]["kernel"]
+  assert qkv.sharding.is_equivalent_to(
+      new["params"]["student"]["blocks"]["attn"]["qkv"]["kernel"].sharding, qkv.ndim)
+  assert qkv.addressable_shards[0].data.size == qkv.size // 2
+  # A replicated teacher does not match the step's input shardings: refused.
+  new["teacher"] = jax.device_put(new["teacher"], sharding.replicated(mesh))
+  with pytest.raises(ValueError, match="does not match"):
+    step_fn(new, batch)
