@@ -54,6 +54,12 @@ def _wait_for_checkpoint(workdir, step, timeout=120):
     time.sleep(0.05)
 
 
+def _digests(workdir, step=STEPS):
+  """The array digests written with a checkpoint: equal digests, bitwise equal states."""
+  record = pathlib.Path(workdir) / "checkpoints" / str(step) / checkpointing.RECORD_ITEM
+  return json.loads((record / "metadata").read_text())["digests"]
+
+
 def _losses(workdir):
   return {r["step"]: r["loss"] for r in metrics.read_jsonl(pathlib.Path(workdir) / "metrics.jsonl")}
 
@@ -132,9 +138,11 @@ def test_one_trainer_per_workdir_sigkill_resumes_exactly_sigterm_exits_cleanly(
   assert summary["stopped_by_signal"] and summary["final_step"] < STEPS
   assert summary["resumed_from"] == saved
   assert checkpointing.make_manager(killed, read_only=True).latest_step() == summary["final_step"]
-  # Finish in-process and compare every step's loss bitwise with the uninterrupted run.
+  # Finish in-process and compare every step's loss and the final state bitwise with the
+  # uninterrupted run.
   trainer.train(_config(tone_folder, total_steps=STEPS), killed, progress=False)
   assert _losses(killed) == _losses(uninterrupted)
+  assert _digests(killed) == _digests(uninterrupted)
 
 
 @pytest.mark.slow
@@ -161,6 +169,7 @@ def test_damaged_latest_checkpoint_is_named_and_the_run_resumes_from_the_previou
   steps = sorted(checkpointing.make_manager(workdir, read_only=True).all_steps())
   assert steps == [25, STEPS - 5, STEPS]
   assert _losses(workdir) == _losses(uninterrupted)
+  assert _digests(workdir) == _digests(uninterrupted)
   # Export restores with the same verification: the newest step is good again.
   assert workdir_lib.restore(workdir)[2] == STEPS
 
