@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from data_pipelines import ingest as ingest_lib
+from data_pipelines import dataset_format
 from data_pipelines import pipeline
 from pupujepa_jax import config as config_lib
 from pupujepa_jax import frontend as frontend_lib
@@ -70,10 +70,10 @@ def synthetic_dataset(data_dir, records: int, seconds: float) -> str:
   def examples():
     for i in range(records):
       wave = 0.1 * rng.standard_normal(int(seconds * rate)).astype(np.float32)
-      yield f"{i:05d}", {"audio": ingest_lib.to_int16(wave), "path": f"noise{i}.wav",
+      yield f"{i:05d}", {"audio": dataset_format.to_int16(wave), "path": f"noise{i}.wav",
                          "duration": seconds}
 
-  ingest_lib.build_array_record_dataset("bench_noise", data_dir, ingest_lib.audio_features(),
+  dataset_format.build_array_record_dataset("bench_noise", data_dir, dataset_format.audio_features(),
                                         {"train": examples}, metadata={"sample_rate": rate})
   return str(data_dir)
 

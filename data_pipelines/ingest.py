@@ -28,11 +28,8 @@ import shutil
 
 from data_pipelines import audio as audio_lib
 from data_pipelines import dataset_format
-# pipeline.py, tests/test_pipeline.py and benchmarks/input_pipeline.py still reach the
-# dataset format through this module; these names are defined in dataset_format.
-from data_pipelines.dataset_format import (  # noqa: F401
-    SAMPLE_RATE, audio_features, build_array_record_dataset, dataset_sample_rate,
-    load_data_source, pcm_to_float, to_int16)
+from data_pipelines.dataset_format import (SAMPLE_RATE, audio_features,
+                                           build_array_record_dataset, to_int16)
 
 DATASET_NAME = "audio_folder"
 REPORT_NAME = "ingest_report.json"

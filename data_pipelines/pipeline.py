@@ -34,7 +34,7 @@ import grain
 import numpy as np
 
 from data_pipelines import audio as audio_lib
-from data_pipelines import ingest as ingest_lib
+from data_pipelines import dataset_format
 from pupujepa_jax import frontend as frontend_lib
 
 SHORT_POLICIES = audio_lib.SHORT_POLICIES
@@ -69,11 +69,11 @@ def open_source(data_cfg, frontend_cfg: frontend_lib.FrontendConfig):
   if data_cfg.source == "folder":
     return AudioFolderSource(data_cfg.path, frontend_cfg.sample_rate)
   if data_cfg.source == "tfds":
-    rate = ingest_lib.dataset_sample_rate(data_cfg.path)
+    rate = dataset_format.dataset_sample_rate(data_cfg.path)
     if rate is not None and rate != frontend_cfg.sample_rate:
       raise ValueError(f"data.path: dataset {data_cfg.path} holds {rate} Hz audio, the "
                        f"front-end expects {frontend_cfg.sample_rate} Hz")
-    return ingest_lib.load_data_source(data_cfg.path)
+    return dataset_format.load_data_source(data_cfg.path)
   raise ValueError(f"data.source: {data_cfg.source!r} not in ('tfds', 'folder')")
 
 
@@ -100,7 +100,7 @@ class CropAudio(grain.transforms.Map):
     self._with_metadata = with_metadata
 
   def _example(self, position: int, index: int, record) -> dict:
-    wave = ingest_lib.pcm_to_float(record["audio"])
+    wave = dataset_format.pcm_to_float(record["audio"])
     if wave.shape[0] == 0:
       raise ValueError(f"record {index} ({record.get('path')!r}) holds no audio")
     rng = np.random.default_rng(_derive_seed(self._seed, 1, position))

@@ -8,7 +8,7 @@ import pytest
 import soundfile
 
 from data_pipelines import audio
-from data_pipelines import ingest as ingest_lib
+from data_pipelines import dataset_format
 from data_pipelines import pipeline
 from pupujepa_jax import config as config_lib
 from pupujepa_jax import frontend as frontend_lib
@@ -30,9 +30,9 @@ def _waves():
 def _write_dataset(data_dir, waves):
   def examples():
     for i, wave in enumerate(waves):
-      yield f"{i:04d}", {"audio": ingest_lib.to_int16(wave), "path": f"track{i}.wav",
+      yield f"{i:04d}", {"audio": dataset_format.to_int16(wave), "path": f"track{i}.wav",
                          "duration": wave.shape[0] / FE.sample_rate}
-  ingest_lib.build_array_record_dataset("toy_audio", data_dir, ingest_lib.audio_features(),
+  dataset_format.build_array_record_dataset("toy_audio", data_dir, dataset_format.audio_features(),
                                         {"train": examples},
                                         metadata={"sample_rate": FE.sample_rate})
   return data_dir
@@ -74,14 +74,14 @@ def test_batches_have_the_promised_shape_and_values(dataset_dir):
 
 
 def test_crops_are_the_recorded_slices_of_the_stored_audio(dataset_dir):
-  source = ingest_lib.load_data_source(dataset_dir)
+  source = dataset_format.load_data_source(dataset_dir)
   ds = pipeline.make_pretrain_dataset(_data_cfg(dataset_dir), FE, CROP_FRAMES, seed=3, process_index=0,
                                       process_count=1, with_metadata=True)
   it = iter(ds)
   seen = set()
   for batch in _take(it, 6):
     for crop, index, offset in zip(batch["audio"], batch["record_index"], batch["offset"]):
-      wave = ingest_lib.pcm_to_float(source[int(index)]["audio"])
+      wave = dataset_format.pcm_to_float(source[int(index)]["audio"])
       assert 0 <= offset <= max(wave.shape[0] - CROP_SAMPLES, wave.shape[0] - 1)
       np.testing.assert_array_equal(crop, audio.take_crop(wave, int(offset), CROP_SAMPLES,
                                                           "loop"))
@@ -167,7 +167,7 @@ def test_short_tracks_are_looped_or_padded(tmp_path, policy):
                                       FE, CROP_FRAMES, seed=0, process_index=0, process_count=1,
                                       with_metadata=True)
   batch = next(iter(ds))
-  stored = ingest_lib.pcm_to_float(ingest_lib.to_int16(wave))
+  stored = dataset_format.pcm_to_float(dataset_format.to_int16(wave))
   for got, offset in zip(batch["audio"], batch["offset"]):
     if policy == "pad":
       assert offset == 0
