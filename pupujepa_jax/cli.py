@@ -77,7 +77,8 @@ def cmd_train(args, extra):
   _print_json({"final_step": result.final_step, "stopped_by_signal": result.stopped_by_signal,
                "workdir": result.workdir, "last_metrics": result.last_metrics,
                "resumed_from": result.resumed_from,
-               "rejected_checkpoints": result.rejected_checkpoints})
+               "rejected_checkpoints": result.rejected_checkpoints,
+               "dataset_changed": result.dataset_changed})
 
 
 def cmd_data_ingest(args, extra):

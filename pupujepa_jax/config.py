@@ -55,7 +55,8 @@ SHORT_POLICIES = ("loop", "pad")
 # Fields that may change between a run and its resumption without changing its result.
 RESUMABLE_FIELDS = ("total_steps", "log_every", "checkpoint.every", "checkpoint.keep",
                     "checkpoint.keep_period", "data.num_workers", "data.prefetch_buffer",
-                    "data.path", "attention")
+                    "data.path", "attention", "layer_loop", "monitor.every",
+                    "monitor.labels")
 
 
 class ConfigError(ValueError):
@@ -106,7 +107,11 @@ def base_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.compute_dtype = "float32"
   c.remat = "none"            # "none", "dots" (keep matmul outputs) or "full"
   c.attention = "auto"        # attention kernel (models.attention.KERNELS)
+  c.layer_loop = "auto"       # "scan", "unrolled" or "auto" (unrolled on CPUs)
   c.log_every = 50
+  # Online kNN probe of the teacher on a small labelled set (labels.csv with paths
+  # relative to its folder) every `every` steps; 0 or an empty path turns it off.
+  c.monitor = _group(dict(every=0, labels=""))
   c.checkpoint = _group(dict(every=5000, keep=3, keep_period=50_000))
   return c
 
@@ -136,7 +141,8 @@ def predictor_size(cfg):
 def runtime(cfg):
   from pupujepa_jax import models
   return models.Runtime(compute_dtype=cfg.compute_dtype, remat=cfg.remat,
-                        attention=cfg.attention, drop_path=float(cfg.model.drop_path))
+                        attention=cfg.attention, layer_loop=cfg.layer_loop,
+                        drop_path=float(cfg.model.drop_path))
 
 
 def mask(cfg) -> masking.MaskConfig:
@@ -203,7 +209,7 @@ def _one_of(name: str, value, choices):
 
 def validate(cfg, num_devices: int | None = None) -> None:
   """Raise ConfigError naming the field if `cfg` is unknown, impossible or inconsistent."""
-  from pupujepa_jax.models import attention
+  from pupujepa_jax.models import attention, transformer
   if not isinstance(cfg, ml_collections.ConfigDict):
     raise ConfigError(f"a config must be an ml_collections.ConfigDict, got {type(cfg).__name__}")
   # The variant picks the schema's defaults; a `model` that is not a group is reported
@@ -230,6 +236,7 @@ def validate(cfg, num_devices: int | None = None) -> None:
   _one_of("compute_dtype", cfg.compute_dtype, DTYPES)
   _one_of("remat", cfg.remat, REMAT)
   _one_of("attention", cfg.attention, attention.KERNELS)
+  _one_of("layer_loop", cfg.layer_loop, transformer.LAYER_LOOPS)
   _one_of("data.short_policy", cfg.data.short_policy, SHORT_POLICIES)
   _one_of("data.source", cfg.data.source, DATA_SOURCES)
   if not 0 <= cfg.seed < 2 ** 32:  # jax keys keep 32 bits of it, Grain refuses negatives
@@ -240,7 +247,7 @@ def validate(cfg, num_devices: int | None = None) -> None:
                "data.prefetch_buffer", "optim.lr"):
     _positive(name, _get(cfg, name))
   for name in ("optim.warmup_steps", "optim.min_lr", "optim.grad_clip", "checkpoint.keep",
-               "checkpoint.keep_period", "data.num_workers"):
+               "checkpoint.keep_period", "data.num_workers", "monitor.every"):
     _positive(name, _get(cfg, name), allow_zero=True)
   o = cfg.optim
   if o.min_lr > o.lr:

@@ -37,6 +37,7 @@ import math
 import pathlib
 import signal
 import time
+import warnings
 
 import jax
 import numpy as np
@@ -70,6 +71,7 @@ class TrainResult:
   workdir: str
   resumed_from: int | None = None
   rejected_checkpoints: dict = dataclasses.field(default_factory=dict)  # {step: reason}
+  dataset_changed: bool = False  # resumed on a dataset replaced since the run started
 
 
 def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
@@ -143,6 +145,11 @@ def _train(cfg, workdir: pathlib.Path, stop_after, progress, cleanup) -> TrainRe
                                              cfg.model.crop_frames, seed=cfg.seed)
   cleanup.callback(iterator.close)  # stops Grain worker processes
   where = checkpointing.checkpoint_dir(workdir)
+  monitor = None
+  if cfg.monitor.every and cfg.monitor.labels:
+    from pupujepa_jax import monitor as monitor_lib
+    monitor = monitor_lib.KnnMonitor(cfg.monitor.labels, config_lib.serving_spec(cfg),
+                                     config_lib.runtime(cfg))
   rejected, resumed_from, reference = {}, None, None
   if manager.latest_step() is not None:
     restored = checkpointing.restore(manager, train_step.abstract_state(cfg), shardings,
@@ -157,7 +164,14 @@ def _train(cfg, workdir: pathlib.Path, stop_after, progress, cleanup) -> TrainRe
     protected.add(start)
   else:
     start, state = 0, train_step.create_sharded_state(cfg, mesh)
-  workdir_lib.write_run_files(cfg, workdir)  # only once the state is in hand
+  dataset = _dataset_identity(cfg.data)
+  previous = workdir_lib.read_run_info(workdir).get("dataset_identity")
+  dataset_changed = resumed_from is not None and previous not in (None, dataset)
+  if dataset_changed:
+    warnings.warn(f"resuming {workdir} on a replaced dataset: {cfg.data.path} is not the "
+                  "dataset this run started on (it was re-ingested or replaced since)")
+  workdir_lib.write_run_files(cfg, workdir,  # only once the state is in hand
+                              dataset_identity=dataset)
   end = cfg.total_steps if stop_after is None else min(cfg.total_steps, start + stop_after)
   writer = metrics_lib.MetricWriter(workdir, cfg.total_steps, start,
                                     enabled=jax.process_index() == 0, progress=progress)
@@ -239,8 +253,10 @@ def _train(cfg, workdir: pathlib.Path, stop_after, progress, cleanup) -> TrainRe
     while step < end and not stop.received:
       batch = sharding.global_batch(next(iterator), mesh)
       state, step_metrics = step_fn(state, batch)
-      pending.append((step, step_metrics))
       step += 1
+      if monitor is not None and step % cfg.monitor.every == 0:
+        step_metrics = {**step_metrics, **monitor.evaluate(state["params"], state["teacher"])}
+      pending.append((step - 1, step_metrics))
       if step % cfg.log_every == 0:
         flush()
       if step % cfg.checkpoint.every == 0:
@@ -250,4 +266,12 @@ def _train(cfg, workdir: pathlib.Path, stop_after, progress, cleanup) -> TrainRe
     flush()
   return TrainResult(final_step=step, last_metrics=last, stopped_by_signal=stop.received,
                      workdir=str(workdir), resumed_from=resumed_from,
-                     rejected_checkpoints=rejected)
+                     rejected_checkpoints=rejected, dataset_changed=dataset_changed)
+
+
+def _dataset_identity(data_cfg) -> str | None:
+  """The ingested dataset's identity (None for audio folders, read on the fly)."""
+  if data_cfg.source != "tfds":
+    return None
+  from data_pipelines import dataset_format
+  return dataset_format.dataset_identity(data_cfg.path)

@@ -164,6 +164,14 @@ def exclusive(workdir):
       handle.close()
 
 
+def read_run_info(workdir) -> dict:
+  """The run_info.json a workdir holds ({} when there is none or it is unreadable)."""
+  try:
+    return json.loads((pathlib.Path(workdir) / RUN_INFO_FILE).read_text())
+  except (OSError, ValueError):
+    return {}
+
+
 def write_run_files(cfg, workdir, **info) -> None:
   """Write config.json and run_info.json (process 0), creating the workdir if needed."""
   if jax.process_index() != 0:

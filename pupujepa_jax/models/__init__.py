@@ -28,10 +28,12 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 @dataclasses.dataclass(frozen=True)
 class Runtime:
-  """How the modules run (not what they are): compute dtype, remat policy, attention kernel."""
+  """How the modules run (not what they are): compute dtype, remat policy, attention
+  kernel, rolled or unrolled block loop, drop-path rate."""
   compute_dtype: str = "float32"
   remat: str = "none"
   attention: str = "auto"
+  layer_loop: str = "auto"
   drop_path: float = 0.0
 
 
@@ -54,7 +56,7 @@ def block_spec(arch: Architecture, runtime: Runtime = Runtime(),
                    pos_embed=arch.pos_embed, rope_max_res=arch.rope_max_res,
                    rope_linear_bands=arch.rope_linear_bands,
                    dtype=DTYPES[runtime.compute_dtype], remat=runtime.remat,
-                   attention=runtime.attention)
+                   attention=runtime.attention, layer_loop=runtime.layer_loop)
 
 
 def make_patch_embed(arch: Architecture, runtime: Runtime = Runtime()) -> PatchEmbed:

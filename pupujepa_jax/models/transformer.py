@@ -66,6 +66,7 @@ class BlockSpec:
   dtype: Any = jnp.float32
   remat: str = "none"
   attention: str = "auto"
+  layer_loop: str = "auto"
 
   @property
   def head_dim(self) -> int:
@@ -124,6 +125,32 @@ class Attention(nn.Module):
         out.reshape(b, n, s.width))
 
 
+@jax.custom_vjp
+def swiglu(gate_value):
+  """silu(gate) * value of fc1's packed output [..., 2h] = [gate | value] (timm GluMlp).
+
+  Its own backward keeps only fc1's output and recomputes the sigmoid, instead of the
+  sigmoid and silu activations autodiff would keep: ~85 MB less per predictor layer of
+  the released tiny at batch 8, the same numbers.
+  """
+  gate, value = jnp.split(gate_value, 2, axis=-1)
+  return nn.silu(gate) * value
+
+
+def _swiglu_fwd(gate_value):
+  return swiglu(gate_value), gate_value
+
+
+def _swiglu_bwd(gate_value, grad):
+  gate, value = jnp.split(gate_value, 2, axis=-1)
+  sig = jax.nn.sigmoid(gate)
+  d_gate = grad * value * sig * (1 + gate * (1 - sig))
+  return (jnp.concatenate([d_gate, grad * gate * sig], axis=-1),)
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
 class Mlp(nn.Module):
   spec: BlockSpec
 
@@ -131,9 +158,8 @@ class Mlp(nn.Module):
   def __call__(self, x):
     s = self.spec
     if s.swiglu:
-      gate, value = jnp.split(nn.Dense(2 * s.mlp_hidden, kernel_init=dense_init,
-                                       dtype=s.dtype, name="fc1")(x), 2, axis=-1)
-      h = nn.silu(gate) * value
+      h = swiglu(nn.Dense(2 * s.mlp_hidden, kernel_init=dense_init, dtype=s.dtype,
+                          name="fc1")(x))
     else:
       h = nn.gelu(nn.Dense(s.mlp_hidden, kernel_init=dense_init, dtype=s.dtype,
                            name="fc1")(x), approximate=False)
@@ -165,17 +191,37 @@ class Block(nn.Module):
     return x, x
 
 
+LAYER_LOOPS = ("auto", "scan", "unrolled")
+
+
+def unroll_layers(layer_loop: str) -> bool:
+  """Whether the block loop is unrolled: "auto" unrolls on CPUs (measured ~20% faster
+  there: XLA CPU runs a rolled loop's body without fusing across iterations) and keeps a
+  rolled scan on GPUs/TPUs, where one compiled body keeps compile times short at depth."""
+  if layer_loop not in LAYER_LOOPS:
+    raise ValueError(f"layer_loop {layer_loop!r} not in {LAYER_LOOPS}")
+  if layer_loop == "auto":
+    return jax.default_backend() == "cpu"
+  return layer_loop == "unrolled"
+
+
 def run_blocks(spec: BlockSpec, deterministic: bool, x, sin, cos):
-  """Scan `spec.depth` blocks named `blocks` (call inside a compact method).
+  """`spec.depth` blocks named `blocks` over a stacked parameter axis (call inside a
+  compact method); the loop is a scan, rolled or unrolled (`unroll_layers`). The
+  parameter layout is the same either way.
 
   Returns the final tokens and every block's output [depth, B, N, width].
   """
+  unrolled = unroll_layers(spec.layer_loop)
   block = Block
   if spec.remat != "none":
-    block = nn.remat(block, prevent_cse=False, policy=REMAT_POLICIES[spec.remat])
+    # A rolled scan already keeps XLA from merging the recomputation back into the
+    # forward pass (CSE); unrolled blocks need remat's own guard against it.
+    block = nn.remat(block, prevent_cse=unrolled, policy=REMAT_POLICIES[spec.remat])
   scanned = nn.scan(block, variable_axes={"params": 0, "intermediates": 0},
                     split_rngs={"params": True, "dropout": True},
-                    in_axes=(nn.broadcast, nn.broadcast, 0), length=spec.depth)
+                    in_axes=(nn.broadcast, nn.broadcast, 0), length=spec.depth,
+                    unroll=spec.depth if unrolled else 1)
   rates = np.linspace(0.0, spec.drop_path, spec.depth, dtype=np.float32)
   return scanned(spec, deterministic, name="blocks")(x, sin, cos, jnp.asarray(rates))
 
