@@ -13,10 +13,17 @@ Tasks: `multiclass` (accuracy), `multilabel` (macro ROC-AUC and AP; `;` separate
 `regression` (R^2 per target and mean; `;` separates float targets) and `key` (24-way
 multiclass over major/minor keys; accuracy and the MIREX weighted score of mir_eval).
 
-Speed on CPU: all arrays live on the device, one jitted function runs a whole epoch
-(`lax.scan` over fixed-shape minibatches of a permuted index array) and one jitted function
-predicts a split; the learning rate lives in the optimizer state, so neither recompiles
-across epochs or across the learning-rate grid.
+Many probes at once (`train_probes`): a grid of groups (the layers a probe reads) by
+members (seed and learning rate) trains in one vmapped program, each probe with its own
+early stopping, plateau schedule and best-validation params; a group's members read one
+copy of its layers. `probe_layers` is the grid of single-layer probes times seeds that the
+demo and the baselines use (three seeds, `SMALL_DATA_PROTOCOL`); `probe_features` is one
+probe, or a learning-rate grid of them, on a feature folder (`pupujepa probe`).
+
+Speed on CPU: one jitted function runs a whole epoch of the grid (`lax.scan` over
+fixed-shape minibatches), one predicts a split; the learning rate lives in the optimizer
+state, so nothing recompiles across epochs, seeds or the learning-rate grid. The random
+draws (initial weights, chunk order, dropout masks) come from NumPy on the host.
 """
 from __future__ import annotations
 
@@ -31,16 +38,16 @@ import numpy as np
 import optax
 from sklearn import metrics as skm
 
-from pupujepa_jax import features, labels
+from pupujepa_jax import evaluation, features, labels
 
-MAIN_METRIC = {"multiclass": "accuracy", "multilabel": "roc_auc", "regression": "r2",
-               "key": "weighted_score"}
-TASKS = tuple(MAIN_METRIC)
+MAIN_METRIC = evaluation.MAIN_METRIC
+TASKS = evaluation.TASKS
 PROBES = ("mlp", "linear")
-# The protocol of `make demo` and `pupujepa data baselines`, for every model and feature
-# set alike: a few hundred clips need MARBLE's optional learning-rate grid.
-SMALL_DATA_PROTOCOL = dict(probe="mlp", layer="all", lr=(1e-3, 5e-3), max_epochs=100,
-                           patience=10)
+# The protocol of `make demo` and `pupujepa data baselines` (`probe_layers` arguments),
+# for every model and feature set alike: MARBLE's lr 1e-3, batch 64 and early stopping
+# after 10 epochs, at most 50 epochs (the demo's probes stop after 12-50), three seeds.
+SMALL_DATA_PROTOCOL = dict(lr=1e-3, max_epochs=50, patience=10, batch_size=64)
+SMALL_DATA_SEEDS = (0, 1, 2)
 SPLITS = labels.SPLITS
 HIDDEN = 512
 DROPOUT = 0.2
@@ -187,13 +194,6 @@ def encode_targets(task: str, split_labels: dict[str, list[str]]) -> tuple[dict,
 
 # ----------------------------------------------------------------------------- metrics
 
-@functools.lru_cache(maxsize=1)
-def _key_score_matrix() -> np.ndarray:
-  """[ref, est] -> mir_eval.key.weighted_score over the 24 key classes."""
-  return np.asarray([[mir_eval.key.weighted_score(r, e) for e in KEY_CLASSES]
-                     for r in KEY_CLASSES])
-
-
 def _class_predictions(logits_or_preds) -> np.ndarray:
   arr = np.asarray(logits_or_preds)
   return arr.argmax(-1) if arr.ndim == 2 else arr.astype(np.int64)
@@ -233,7 +233,7 @@ def metrics_for(task: str, logits_or_preds, targets, classes) -> dict:
     pred = _class_predictions(logits_or_preds)
     out = {"accuracy": float(np.mean(pred == targ))}
     if task == "key":
-      out["weighted_score"] = float(np.mean(_key_score_matrix()[targ, pred]))
+      out["weighted_score"] = float(np.mean(evaluation.key_score_matrix()[targ, pred]))
     return out
   if task == "multilabel":
     targ, scores = np.asarray(targets), np.asarray(logits_or_preds, dtype=np.float64)
@@ -249,27 +249,65 @@ def metrics_for(task: str, logits_or_preds, targets, classes) -> dict:
 
 # ----------------------------------------------------------------------------- model
 
-def _init_params(key, n_layers: int, dim: int, n_out: int, probe: str) -> dict:
-  """Layer-mixing logits (uniform start) and the MLP or linear weights."""
-  params = {"layer_logits": jnp.zeros((n_layers,), jnp.float32)}
+class _ProbeRandom:
+  """The random stream of one probe seed, on the host: initial weights, the order of
+  the training chunks and the dropout masks of every epoch. NumPy, not jax.random:
+  threefry inside the epoch program tripled its compile time (measured 0.65 s -> 2.1 s
+  linear, 1.2 s -> 3.7 s MLP), which a demo that compiles it for every task feels."""
+
+  def __init__(self, seed: int):
+    # Two streams: the order of the chunks and the dropout masks do not depend on the
+    # features' width (padded features, other models: the same batches for a seed).
+    self.init_rng = np.random.default_rng([int(seed), 0x9B0BE, 0])
+    self.rng = np.random.default_rng([int(seed), 0x9B0BE, 1])
+
+  def init(self, dim: int, n_out: int, probe: str) -> dict:
+    """Unit-variance weights (`_scale_init` gives them their fan-in scale)."""
+    # The input-side weights are drawn last, row by row: features padded with zeros to a
+    # wider D start with the same weights on their real dimensions.
+    if probe == "mlp":
+      w2 = self.init_rng.standard_normal((HIDDEN, n_out), np.float32)
+      return {"w2": w2, "w1": self.init_rng.standard_normal((dim, HIDDEN), np.float32)}
+    return {"w2": self.init_rng.standard_normal((dim, n_out), np.float32)}
+
+  def epoch(self, n: int, batch_size: int, probe: str):
+    """[steps, batch] chunk indices (a permutation, the last batch padded with its first
+    chunks: fixed shapes, all seen) and, for the MLP, [steps, batch, HIDDEN] keep masks."""
+    steps = -(-n // batch_size)
+    perm = self.rng.permutation(n)
+    idx = np.concatenate([perm, perm[:steps * batch_size - n]]).reshape(steps, batch_size)
+    if probe != "mlp":
+      return idx, np.ones((steps, 1, 1), bool)
+    return idx, self.rng.random((steps, batch_size, HIDDEN), np.float32) >= DROPOUT
+
+
+def _scale_init(unit: dict, n_layers: int, n_out: int, fan_in, probe: str) -> dict:
+  """Initial params of one probe from unit-variance weights: layer-mixing logits (uniform
+  start), He-scaled hidden weights, zero biases.
+
+  `fan_in` (D, or fewer) scales the first layer: features padded with zeros to a common
+  D start as if they had only their `fan_in` real dimensions (the padding's weights never
+  move: their inputs, hence their gradients, are zero).
+  """
+  params = {"layer_logits": jnp.zeros((n_layers,), jnp.float32),
+            "b2": jnp.zeros((n_out,), jnp.float32)}
   if probe == "mlp":
-    k1, k2 = jax.random.split(key)
-    params["w1"] = jax.random.normal(k1, (dim, HIDDEN)) * np.sqrt(2.0 / dim)
-    params["b1"] = jnp.zeros((HIDDEN,))
-    params["w2"] = jax.random.normal(k2, (HIDDEN, n_out)) * np.sqrt(1.0 / HIDDEN)
+    params.update(w1=unit["w1"] * jnp.sqrt(2.0 / fan_in), b1=jnp.zeros((HIDDEN,)),
+                  w2=unit["w2"] * np.sqrt(1.0 / HIDDEN))
   else:
-    params["w2"] = jax.random.normal(key, (dim, n_out)) * np.sqrt(1.0 / dim)
-  params["b2"] = jnp.zeros((n_out,))
+    params["w2"] = unit["w2"] * jnp.sqrt(1.0 / fan_in)
   return params
 
 
-def _forward(params: dict, x, probe: str, dropout_key=None):
-  """x [B, layers, D] -> outputs [B, n_out]; dropout only when dropout_key is given."""
+def _forward(params: dict, x, probe: str, keep=None):
+  """x [B, layers, D] -> outputs [B, n_out]; `keep` [B, HIDDEN] applies dropout (MLP).
+
+  A softmax over the layer logits weights the layers (one layer: weight exactly 1).
+  """
   h = jnp.einsum("bld,l->bd", x, jax.nn.softmax(params["layer_logits"]))
   if probe == "mlp":
     h = jax.nn.relu(h @ params["w1"] + params["b1"])
-    if dropout_key is not None:
-      keep = jax.random.bernoulli(dropout_key, 1.0 - DROPOUT, h.shape)
+    if keep is not None:
       h = jnp.where(keep, h / (1.0 - DROPOUT), 0.0)
   return h @ params["w2"] + params["b2"]
 
@@ -282,51 +320,87 @@ def _loss(out, y, task: str):
   return jnp.mean((out - y) ** 2)
 
 
-def _optimizer(lr: float):
+def _optimizer(lr):
   # The learning rate is state, so ReduceLROnPlateau and the grid never recompile.
   return optax.inject_hyperparams(optax.adam)(learning_rate=lr)
 
 
-@functools.partial(jax.jit, static_argnames=("task", "probe", "batch_size"))
-def _train_epoch(params, opt_state, key, x, y, *, task, probe, batch_size):
-  """One epoch of minibatch Adam over a permutation of the training chunks."""
-  n = x.shape[0]
-  steps = -(-n // batch_size)
-  perm_key, drop_key = jax.random.split(key)
-  perm = jax.random.permutation(perm_key, n)
-  # Pad the last batch with the permutation's first examples: fixed shapes, all seen.
-  idx = jnp.concatenate([perm, perm[:steps * batch_size - n]]).reshape(steps, batch_size)
+def _train_epoch(params, opt_state, idx, keep, x, y, *, task, probe):
+  """One epoch of minibatch Adam of one probe: batches of chunks `idx` [steps, batch],
+  dropout masks `keep` [steps, batch, HIDDEN] (MLP)."""
   tx = _optimizer(0.0)
 
   def step(carry, inputs):
     p, s = carry
     batch_idx, k = inputs
-    loss, grads = jax.value_and_grad(
-        lambda q: _loss(_forward(q, x[batch_idx], probe, k), y[batch_idx], task))(p)
+    grads = jax.grad(lambda q: _loss(_forward(q, x[batch_idx], probe,
+                                              k if probe == "mlp" else None),
+                                     y[batch_idx], task))(p)
     updates, s = tx.update(grads, s, p)
-    return (optax.apply_updates(p, updates), s), loss
+    return (optax.apply_updates(p, updates), s), None
 
-  (params, opt_state), losses = jax.lax.scan(
-      step, (params, opt_state), (idx, jax.random.split(drop_key, steps)))
-  return params, opt_state, losses.mean()
+  (params, opt_state), _ = jax.lax.scan(step, (params, opt_state), (idx, keep))
+  return params, opt_state
+
+
+def _grid(fn, per_probe, per_member, per_group):
+  """`fn(*per_probe, *per_member, *per_group)` over a [groups, members] grid of probes:
+  per-probe arguments have both axes, a member's (its seed's random draws) are shared by
+  its groups, a group's (its layers' inputs [groups, n, layers, D]) by its members."""
+  n_p, n_m, n_g = len(per_probe), len(per_member), len(per_group)
+  inner = jax.vmap(fn, in_axes=(0,) * (n_p + n_m) + (None,) * n_g)
+  outer = jax.vmap(inner, in_axes=(0,) * n_p + (None,) * n_m + (0,) * n_g)
+  return outer(*per_probe, *per_member, *per_group)
+
+
+@functools.partial(jax.jit, static_argnames=("n_layers", "n_out", "probe"))
+def _init_grid(unit, fan_in, lr, *, n_layers, n_out, probe):
+  """Params and Adam states of the grid: unit weights [members, ...], fan_in [groups],
+  lr [groups, members]."""
+  params = jax.vmap(jax.vmap(lambda u, f: _scale_init(u, n_layers, n_out, f, probe),
+                             in_axes=(0, None)), in_axes=(None, 0))(unit, fan_in)
+  return params, jax.vmap(jax.vmap(lambda p, r: _optimizer(r).init(p)))(params, lr)
+
+
+@functools.partial(jax.jit, static_argnames=("task", "probe"))
+def _train_epochs(params, opt_state, idx, keep, x, y, *, task, probe):
+  """One epoch of every probe of the grid (params, states: [groups, members]; idx, keep:
+  [members, ...]; x: [groups, n, layers, D])."""
+  one = functools.partial(_train_epoch, y=y, task=task, probe=probe)
+  return _grid(lambda p, s, i, k, xi: one(p, s, i, k, xi), (params, opt_state), (idx, keep),
+               (x,))
 
 
 @functools.partial(jax.jit, static_argnames=("probe",))
 def _predict(params, x, *, probe):
-  return _forward(params, x, probe)
+  """Chunk outputs [groups, members, n_chunks, n_out] of the grid's probes."""
+  return _grid(lambda p, xi: _forward(p, xi, probe), (params,), (), (x,))
+
+
+@jax.jit
+def _keep_improved(improved, new, old):
+  """Per probe: the new params where `improved` ([groups, members]), else the old ones."""
+  return jax.tree.map(
+      lambda a, b: jnp.where(improved.reshape(improved.shape + (1,) * (a.ndim - 2)), a, b),
+      new, old)
 
 
 def _clip_mean(chunk_out: np.ndarray, clip: np.ndarray, n_clips: int) -> np.ndarray:
-  """Averages chunk outputs (logits, or regression predictions) per clip."""
-  sums = np.zeros((n_clips, chunk_out.shape[1]), np.float64)
-  np.add.at(sums, clip, chunk_out)
-  return sums / np.bincount(clip, minlength=n_clips)[:, None]
+  """Averages chunk outputs (logits, or regression predictions) per clip:
+  [..., n_chunks, n_out] -> [..., n_clips, n_out]."""
+  average = np.zeros((n_clips, len(clip)))
+  average[clip, np.arange(len(clip))] = 1.0
+  average /= average.sum(1, keepdims=True)
+  return np.einsum("cn,...no->...co", average, np.asarray(chunk_out, np.float64))
 
 
 # ----------------------------------------------------------------------------- training
 
-def _prepare(data: dict, task: str) -> dict:
-  """Standardised device arrays per split, and what is needed to score them."""
+def prepare(data: dict, task: str) -> dict:
+  """Standardised arrays per split (`load_split_features` output), and what is
+  needed to score them: per split "x" [n_chunks, layers, D], "y_chunk" (fit targets),
+  "clip", "n_clips", "y_clip" (the clips' targets, as `evaluation.main_metric` takes
+  them); "classes"; and for regression the train mean and std of the targets."""
   splits = data["splits"]
   targets, classes = encode_targets(task, {s: splits[s]["labels"] for s in SPLITS})
   x_train = splits["train"]["x"]
@@ -338,13 +412,14 @@ def _prepare(data: dict, task: str) -> dict:
     y_mean = targets["train"].mean(axis=0)
     y_std = targets["train"].std(axis=0)
     y_std = np.where(y_std < _STD_FLOOR, 1.0, y_std)
-  prepared = {"classes": classes, "y_mean": y_mean, "y_std": y_std, "splits": {}}
+  prepared = {"task": task, "classes": classes, "y_mean": y_mean, "y_std": y_std,
+              "layers": data["layers"], "splits": {}}
   for s in SPLITS:
     clip = splits[s]["clip"]
     y_clip = targets[s]
     y_fit = (y_clip - y_mean) / y_std if task == "regression" else y_clip
     prepared["splits"][s] = {
-        "x": jnp.asarray((splits[s]["x"] - mean) / std),
+        "x": ((splits[s]["x"] - mean) / std).astype(np.float32),
         "y_chunk": jnp.asarray(y_fit[clip]),
         "clip": clip, "n_clips": len(splits[s]["paths"]), "y_clip": y_clip}
   return prepared
@@ -356,54 +431,105 @@ def _n_outputs(task: str, prepared: dict) -> int:
   return len(prepared["classes"])
 
 
-def _evaluate(params, prepared: dict, split: str, task: str, probe: str) -> dict:
+def _clip_outputs(params, inputs: dict, prepared: dict, split: str, probe: str) -> np.ndarray:
+  """[groups, members, n_clips, n_out] clip outputs (regression: in target units)."""
   part = prepared["splits"][split]
-  out = np.asarray(_predict(params, part["x"], probe=probe), dtype=np.float64)
-  clip_out = _clip_mean(out, part["clip"], part["n_clips"])
-  if task == "regression":
-    clip_out = clip_out * prepared["y_std"] + prepared["y_mean"]
-  return metrics_for(task, clip_out, part["y_clip"], prepared["classes"])
+  out = _clip_mean(np.asarray(_predict(params, inputs[split], probe=probe)), part["clip"],
+                   part["n_clips"])
+  if prepared["task"] == "regression":
+    out = out * prepared["y_std"] + prepared["y_mean"]
+  return out
 
 
-def _score(metrics: dict, task: str) -> float:
-  """The validation criterion; NaN (undefined metric) counts as the worst score."""
-  value = metrics[MAIN_METRIC[task]]
-  return -np.inf if np.isnan(value) else value
+def train_probes(prepared: dict, probe: str, layer_sets, seeds, lrs, fan_in=None,
+                 max_epochs: int = 200, batch_size: int = 64, patience: int = 10) -> dict:
+  """Trains a grid of probes side by side in one vmapped program.
 
+  Probe (g, m) reads the layers `layer_sets[g]` (lists of layer indices of equal length;
+  several are mixed by learned softmax weights), starts from seed `seeds[m]`
+  (initialisation, shuffling, dropout) at learning rate `lrs[m]`; `fan_in[g]` (default:
+  D) scales its initialisation (see `_scale_init`). A group's probes read one copy of
+  its layers. Each probe runs the protocol on its own: ReduceLROnPlateau (factor 0.5,
+  patience 3) and early stopping (`patience` epochs without a better validation main
+  metric) on its validation score, keeping its best-validation params; the loop ends
+  when every probe has stopped.
 
-def _train_one(prepared: dict, task: str, probe: str, lr: float, seed: int,
-               max_epochs: int, batch_size: int, patience: int) -> dict:
-  """Trains one probe; returns the best-validation params, metrics and epoch count."""
-  train = prepared["splits"]["train"]
-  init_key, loop_key = jax.random.split(jax.random.PRNGKey(seed))
-  params = _init_params(init_key, train["x"].shape[1], train["x"].shape[2],
-                        _n_outputs(task, prepared), probe)
-  opt_state = _optimizer(lr).init(params)
-  batch = min(batch_size, train["x"].shape[0])
-  best = {"score": -np.inf, "params": params, "valid": None, "epoch": 0}
-  plateau_best, plateau_wait, current_lr = -np.inf, 0, lr
-  epoch = 0
+  Returns {"valid": [groups, members] best validation main metric, "best_epoch",
+  "epochs" (ints, same shape), "outputs": {"valid", "test": [groups, members, n_clips,
+  n_out] clip outputs of the best params}}.
+  """
+  task = prepared["task"]
+  if probe not in PROBES:
+    raise ValueError(f"probe must be one of {PROBES}, got {probe!r}")
+  layer_sets = [[int(k) for k in ls] for ls in layer_sets]
+  if len(seeds) != len(lrs) or len({len(ls) for ls in layer_sets}) != 1:
+    raise ValueError(f"one lr per seed ({len(seeds)} seeds, {len(lrs)} lrs) and layer sets "
+                     f"of one length ({layer_sets})")
+  shape = (len(layer_sets), len(seeds))
+  # [groups, n, layers, D] per split: each group's layers, read by all its members.
+  inputs = {s: jnp.asarray(np.stack([prepared["splits"][s]["x"][:, ls] for ls in layer_sets]))
+            for s in SPLITS}
+  train, valid = prepared["splits"]["train"], prepared["splits"]["valid"]
+  _, n_chunks, n_layers, dim = inputs["train"].shape
+  n_out = _n_outputs(task, prepared)
+  randoms = [_ProbeRandom(s) for s in seeds]
+  unit = jax.tree.map(lambda *a: np.stack(a), *[r.init(dim, n_out, probe) for r in randoms])
+  fan_in = np.full(len(layer_sets), dim) if fan_in is None else np.asarray(fan_in)
+  lr = np.broadcast_to(np.asarray(lrs, np.float32), shape).copy()
+  params, opt_state = _init_grid(unit, jnp.asarray(fan_in, jnp.float32), jnp.asarray(lr),
+                                 n_layers=n_layers, n_out=n_out, probe=probe)
+  batch = min(batch_size, n_chunks)
+  best_params = params
+  best = np.full(shape, -np.inf)
+  best_epoch = np.zeros(shape, np.int64)
+  stopped_at = np.zeros(shape, np.int64)  # 0 while training
+  plateau_best, plateau_wait = np.full(shape, -np.inf), np.zeros(shape, np.int64)
   for epoch in range(1, max_epochs + 1):
-    params, opt_state, _ = _train_epoch(
-        params, opt_state, jax.random.fold_in(loop_key, epoch), train["x"],
-        train["y_chunk"], task=task, probe=probe, batch_size=batch)
-    valid = _evaluate(params, prepared, "valid", task, probe)
-    score = _score(valid, task)
-    if score > best["score"] or best["valid"] is None:
-      best = {"score": score, "params": params, "valid": valid, "epoch": epoch}
-    elif epoch - best["epoch"] >= patience:
+    draws = [r.epoch(n_chunks, batch, probe) for r in randoms]
+    params, opt_state = _train_epochs(
+        params, opt_state, np.stack([d[0] for d in draws]), np.stack([d[1] for d in draws]),
+        inputs["train"], train["y_chunk"], task=task, probe=probe)
+    score = evaluation.main_metric(
+        task, _clip_outputs(params, inputs, prepared, "valid", probe), valid["y_clip"])
+    score = np.where(np.isnan(score), -np.inf, score)  # An undefined metric is the worst.
+    running = stopped_at == 0
+    improved = running & ((score > best) | (epoch == 1))
+    best_params = _keep_improved(jnp.asarray(improved), params, best_params)
+    best = np.where(improved, score, best)
+    best_epoch = np.where(improved, epoch, best_epoch)
+    stopped_at = np.where(running & (epoch - best_epoch >= patience), epoch, stopped_at)
+    if np.all(stopped_at > 0):
       break
     # ReduceLROnPlateau (mode max) on the validation metric.
-    if score > plateau_best:
-      plateau_best, plateau_wait = score, 0
-    else:
-      plateau_wait += 1
-      if plateau_wait > PLATEAU_PATIENCE:
-        current_lr *= PLATEAU_FACTOR
-        plateau_wait = 0
-        opt_state.hyperparams["learning_rate"] = jnp.asarray(current_lr, jnp.float32)
-  best["epochs"] = epoch
-  return best
+    better = score > plateau_best
+    plateau_best = np.where(better, score, plateau_best)
+    plateau_wait = np.where(better, 0, plateau_wait + 1)
+    reduce = plateau_wait > PLATEAU_PATIENCE
+    lr = np.where(reduce, lr * PLATEAU_FACTOR, lr).astype(np.float32)
+    plateau_wait = np.where(reduce, 0, plateau_wait)
+    opt_state.hyperparams["learning_rate"] = jnp.asarray(lr)
+  return {"valid": best, "best_epoch": best_epoch,
+          "epochs": np.where(stopped_at > 0, stopped_at, epoch),
+          "outputs": {s: _clip_outputs(best_params, inputs, prepared, s, probe)
+                      for s in ("valid", "test")}}
+
+
+def probe_layers(prepared: dict, probe: str, layers, seeds=(0, 1, 2), lr: float = 1e-3,
+                 fan_in=None, max_epochs: int = 200, batch_size: int = 64,
+                 patience: int = 10) -> dict:
+  """Single-layer probes on each of `layers` (indices into the prepared layer axis),
+  each with every seed, trained side by side (`train_probes`; `fan_in` per layer).
+
+  Returns {"layers", "seeds", "valid": [n_layers, n_seeds] best validation main metric,
+  "test_outputs": [n_layers, n_seeds, n_test, n_out] clip outputs, "test_targets",
+  "epochs": [n_layers, n_seeds]}.
+  """
+  layers, seeds = [int(k) for k in layers], [int(s) for s in seeds]
+  run = train_probes(prepared, probe, [[k] for k in layers], seeds, [lr] * len(seeds),
+                     fan_in, max_epochs, batch_size, patience)
+  return {"layers": layers, "seeds": seeds, "valid": run["valid"],
+          "test_outputs": run["outputs"]["test"],
+          "test_targets": prepared["splits"]["test"]["y_clip"], "epochs": run["epochs"]}
 
 
 def probe_features(features_dir: str, labels_csv: str, task: str, probe: str = "mlp",
@@ -420,7 +546,8 @@ def probe_features(features_dir: str, labels_csv: str, task: str, probe: str = "
     probe: "mlp" (512 hidden, ReLU, dropout 0.2) or "linear".
     layer: "all" (learned softmax-weighted sum over layers) or a layer index K.
     seed: seeds initialisation, shuffling and dropout (same seed -> same result).
-    lr: a learning rate, or a tuple of them (grid; best by validation metric).
+    lr: a learning rate, or a tuple of them (grid, trained side by side; best by
+      validation metric).
     max_epochs, batch_size, patience: training length, minibatch size, early-stopping
       patience in epochs (on the validation metric).
     out: if given, the result is also written there as JSON.
@@ -434,23 +561,25 @@ def probe_features(features_dir: str, labels_csv: str, task: str, probe: str = "
     raise ValueError(f"task must be one of {TASKS}, got {task!r}")
   if probe not in PROBES:
     raise ValueError(f"probe must be one of {PROBES}, got {probe!r}")
-  lrs = tuple(lr) if isinstance(lr, (tuple, list)) else (lr,)
+  lrs = tuple(float(r) for r in lr) if isinstance(lr, (tuple, list)) else (float(lr),)
   if not lrs:
     raise ValueError("lr grid is empty")
-  data = load_split_features(features_dir, labels_csv, layer)
-  prepared = _prepare(data, task)
-  runs = {float(r): _train_one(prepared, task, probe, float(r), seed, max_epochs,
-                               batch_size, patience) for r in lrs}
-  # Ties go to the earlier grid entry (max keeps the first maximum).
-  best_lr = max(runs, key=lambda r: runs[r]["score"])
-  best = runs[best_lr]
-  test = _evaluate(best["params"], prepared, "test", task, probe)
+  prepared = prepare(load_split_features(features_dir, labels_csv, layer), task)
+  all_layers = list(range(prepared["splits"]["train"]["x"].shape[1]))
+  run = train_probes(prepared, probe, [all_layers], [seed] * len(lrs), lrs,
+                     max_epochs=max_epochs, batch_size=batch_size, patience=patience)
+  # Ties go to the earlier grid entry (argmax keeps the first maximum).
+  i = int(np.argmax(run["valid"][0]))
+  y = {s: prepared["splits"][s]["y_clip"] for s in ("valid", "test")}
+  metrics = {s: metrics_for(task, run["outputs"][s][0, i], y[s], prepared["classes"])
+             for s in y}
   main = MAIN_METRIC[task]
   result = {
       "task": task, "probe": probe, "layer": layer if layer == "all" else int(layer),
-      "valid": best["valid"], "test": test, "main_metric": main, "score": test[main],
-      "epochs": best["epochs"], "best_epoch": best["epoch"], "best_lr": best_lr,
-      "lr_grid": {str(r): runs[r]["valid"][main] for r in runs}, "seed": seed,
+      "valid": metrics["valid"], "test": metrics["test"], "main_metric": main,
+      "score": metrics["test"][main], "epochs": int(run["epochs"][0, i]),
+      "best_epoch": int(run["best_epoch"][0, i]), "best_lr": lrs[i],
+      "lr_grid": {str(r): float(v) for r, v in zip(lrs, run["valid"][0])}, "seed": seed,
       "classes": prepared["classes"],
       "n_clips": {s: prepared["splits"][s]["n_clips"] for s in SPLITS}}
   if out:

@@ -1,40 +1,129 @@
 """`make demo` end to end at toy size: data, pretraining, export, embedding, baselines,
-probes, report and pictures (the real run is `make demo`; its numbers are in the README)."""
+probes, statistics, report and pictures (the real run is `make demo`; its numbers are in
+the README)."""
 import json
 
 import jax
 import numpy as np
 import pytest
 
-from pupujepa_jax import demo, export, metrics, models, train_step
+from data_pipelines.offline import TASK_INFO
+from pupujepa_jax import demo, evaluation, export, labels, metrics, models, probe
+from pupujepa_jax import train_step
 from pupujepa_jax import workdir as workdir_lib
 
 TASKS = ["chord", "instruments", "tempo"]
+# 40 clips per task: 14 test clips, so bootstrap intervals have something to resample.
+EXAMPLES = 40
+NAMES = ("pretrained", "random_init", "baseline_logmel", "baseline_chroma", "baseline_mfcc")
 
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end_and_reuses_its_work(tmp_path):
   out = tmp_path / "demo"
   result = demo.run(out, hours=0.01, config_arg="steps=4,batch=8", tasks=TASKS,
-                    examples_per_task=20)
-  rows = {(r["model"], r["task_name"]) for r in result["results"]}
+                    examples_per_task=EXAMPLES, n_boot=200)
+  results = result["results"]
+  assert set(results["tasks"]) == set(TASKS)
   for task in TASKS:
-    for model in ("pretrained", "random_init", "baseline_logmel", "baseline_chroma",
-                  "baseline_mfcc"):
-      assert (model, task) in rows
-  assert set(result["verdict"]["beats_random"]) == set(TASKS)
-  report = (out / "report.md").read_text()
-  assert "| instruments | roc_auc |" in report
+    for name in NAMES:
+      for protocol in demo.PROTOCOLS:
+        assert set(results["models"][name][task][protocol]) == set(demo.LAYER_KINDS)
+  _assert_statistics_are_consistent(out, results)
+  _assert_report(out, results)
   for picture in ("curves.png", "probe_scores.png", "masks.png", "attention.png"):
     assert (out / picture).stat().st_size > 10_000, picture
   meta = json.loads((out / "features" / "pretrained" / "tempo" / "meta.json").read_text())
-  assert meta["step"] == 4 and meta["L"] == 4  # 4 blocks: L + 1 = 5 layers
+  # 4 blocks: the patch embedding, 4 block outputs and the final (normed) output.
+  assert meta["step"] == 4 and meta["L"] == 4
+  assert meta["layer_names"] == ["patch_embed", "block_0", "block_1", "block_2", "block_3",
+                                 "final"]
   _assert_training_did_something(out)
-  # A second run reuses data, checkpoint, exports and features.
+  # A second run reuses data, checkpoint, exports and features, and scores the same.
   again = demo.run(out, hours=0.01, config_arg="steps=4,batch=8", tasks=TASKS,
-                   examples_per_task=20)
+                   examples_per_task=EXAMPLES, n_boot=200)
   assert again["timings"]["pretraining"] < result["timings"]["pretraining"]
   assert again["timings"]["embedding"] < 0.5 * result["timings"]["embedding"] + 1
+  assert again["results"] == results
+
+
+def _assert_statistics_are_consistent(out, results):
+  """The report's numbers against independent recomputations from the saved outputs."""
+  saved = json.loads((out / "probe_results.json").read_text())
+  assert saved == json.loads(json.dumps(results))
+  outputs = np.load(out / "test_outputs.npz")
+  for task, info in results["tasks"].items():
+    assert info["n_clips"]["test"] == 14 and info["seeds"] == [0, 1, 2]
+    task_type = TASK_INFO[task].type
+    targets = _test_targets(out, task)
+    for name in NAMES:
+      for protocol in demo.PROTOCOLS:
+        for kind, entry in results["models"][name][task][protocol].items():
+          seeds = outputs[f"{name}/{task}/{protocol}/{kind}"]
+          assert seeds.shape[:2] == (3, 14)
+          # Per-seed scores are the probe's own (scikit-learn) metrics of the outputs.
+          want = [probe.metrics_for(task_type, o, targets, TASK_INFO[task].classes)[
+              info["metric"]] for o in seeds]
+          np.testing.assert_allclose(entry["seeds"], want, atol=1e-9)
+          assert entry["mean"] == pytest.approx(np.mean(want))
+          assert entry["std"] == pytest.approx(np.std(want, ddof=1))
+          lo, hi = entry["ci"]
+          assert lo <= hi and entry["level"] == 0.95 and entry["n_boot"] == 200
+          if task_type == "multiclass":  # A mean's percentile interval holds the mean.
+            assert lo <= entry["mean"] <= hi
+    assert info["chance"] == {"chord": 0.25, "instruments": 0.5, "tempo": 0.0}[task]
+    for key, verdicts in info["verdicts"].items():
+      protocol, kind = key.split("/")
+      for other, cmp in verdicts.items():
+        other_name = cmp.get("name", other)
+        a = results["models"]["pretrained"][task][protocol][kind]["mean"]
+        b = results["models"][other_name][task][protocol][
+            kind if other == "random_init" else "final"]["mean"]
+        assert cmp["diff"] == pytest.approx(a - b)
+        lo, hi = cmp["ci"]
+        assert cmp["verdict"] == ("a" if lo > 1e-9 else "b" if hi < -1e-9 else "tie")
+    for protocol, name in info["best_baseline"].items():
+      # Chosen on validation, never on test.
+      valid = {n: results["models"][n][task][protocol]["final"]["valid"]
+               for n in NAMES if n.startswith("baseline_")}
+      assert name == max(valid, key=valid.get)
+
+
+def _test_targets(out, task):
+  rows = labels.read_labels_csv(out / "data" / "tasks" / task / "labels.csv")
+  encoded, _ = probe.encode_targets(TASK_INFO[task].type, {
+      split: [r.label for r in rows if r.split == split] for split in ("train", "test")})
+  return encoded["test"]
+
+
+def _assert_report(out, results):
+  report = (out / "report.md").read_text()
+  for heading in ("## Tasks and their difficulty", "### Linear probe",
+                  "### MARBLE MLP probe", "## Verdicts (paired bootstrap, 95%)",
+                  "## Ablations of pretraining runs", "## Training", "## Time per stage (s)"):
+    assert heading in report, heading
+  assert demo.ABLATION_MARK in report and "No ablation runs were passed" in report
+  entry = results["models"]["pretrained"]["chord"]["linear"]["final"]
+  assert f"| chord | accuracy | 0.250 | {evaluation.format_score(entry)} |" in report
+  counts = demo.verdict_counts(results)
+  c = counts["linear/final"]["random_init"]
+  assert sum(c.values()) == len(TASKS)
+  assert (f"pretrained beats random-init on **{c['a']}/{len(TASKS)}** tasks "
+          f"(ties {c['tie']}, losses {c['b']})") in report
+  # The lead's ablation table: rows from finished runs, in the per-model format.
+  runs = [demo.ablation_run(out, "reference", "-"),
+          dict(demo.ablation_run(out, "no curriculum", "mask curriculum off"),
+               scores={"chord": results["models"]["random_init"]["chord"]})]
+  table = demo.ablation_table(runs, "mlp", "best")
+  lines = table.splitlines()
+  assert lines[0] == "| run | change | chord | instruments | tempo |"
+  best = results["models"]["random_init"]["chord"]["mlp"]["best"]
+  assert lines[3] == (f"| no curriculum | mask curriculum off | "
+                      f"{evaluation.format_score(best)} ({best['layer_name']}) | - | - |")
+  text = demo.write_report(out, results, {"probes": 1.0}, {
+      "probe_scores": "p.png", "curves": "c.png", "masks": "m.png", "attention": "a.png"},
+      {}, {}, ablations=runs)
+  assert demo.ablation_table(runs, "linear", "final") in text
 
 
 def _max_change(a, b):
@@ -50,6 +139,9 @@ def _assert_training_did_something(out):
   assert [r["step"] for r in records] == [0, 1, 2, 3]
   losses = [r["loss"] for r in records]
   assert losses[-1] < 0.85 * losses[0], losses
+  # The curves the report draws are logged at every step.
+  for key in ("student_std", "teacher_std", "teacher_rank", "prediction_cosine"):
+    assert all(np.isfinite(r[key]) for r in records), key
   # The exported encoder is not the one training started from (same config, same seed):
   # the shared patch embedding took Adam steps of ~lr each (measured max change 3.1e-3,
   # the logged learning rates sum to 3.0e-3), the teacher moved by its EMA share of the

@@ -1,5 +1,6 @@
 """Tests of the offline music build (corpus + probe tasks) and its baselines."""
 import csv
+import functools
 import hashlib
 import json
 import os
@@ -8,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 
+import librosa
 import numpy as np
 import pytest
 import soundfile
@@ -16,14 +18,14 @@ from data_pipelines import offline
 from data_pipelines.offline import corpus
 from data_pipelines.offline import render
 from data_pipelines.offline import tasks as tasks_lib
-from pupujepa_jax import baselines
+from pupujepa_jax import baselines, evaluation, frontend
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 HOURS = 0.01
-# Train then holds all 12 instrument families and 10 chord qualities (the probe needs
-# every test class seen in train).
-EXAMPLES = 18
+# Train then holds 12 clips: all 12 instrument families and 4 chord qualities (the probe
+# needs every test class seen in train).
+EXAMPLES = 24
 # Probed in the baseline test: one multiclass, one multilabel, one regression task.
 PROBED = ("chord", "instruments", "tempo")
 
@@ -117,8 +119,9 @@ def test_audio_is_24k_mono_finite_not_silent(builds):
     assert sr == 24_000 and audio.shape[1] == 1, rel
     assert np.all(np.isfinite(audio)), rel
     assert np.sqrt(np.mean(audio ** 2)) > 0.01, rel
-  clip, _ = soundfile.read(os.path.join(a, "tasks", "chord", _first_path(a, "chord")))
-  assert len(clip) == int(tasks_lib.SHORT_CLIP_SECONDS * 24_000)
+  for task in offline.TASKS:
+    clip, _ = soundfile.read(os.path.join(a, "tasks", task, _first_path(a, task)))
+    assert len(clip) == int(tasks_lib.CLIP_SECONDS * 24_000)
 
 
 def _rows(root, task):
@@ -175,11 +178,10 @@ def test_baselines_write_export_layout_and_score(builds, tmp_path):
   for task in PROBED:
     os.symlink(os.path.join(a, "tasks", task), tasks_dir / task)
   out = str(tmp_path / "baselines")
-  scores = baselines.compute_baselines(str(tasks_dir), out, seed=0)
+  scores = baselines.compute_baselines(str(tasks_dir), out, seed=0, n_boot=100)
   assert set(scores) == set(PROBED)
-  dims = {"logmel": 256, "chroma": 24, "mfcc": 40}
+  dims = {"logmel": 256, "chroma": 38, "mfcc": 40}
   for task in PROBED:
-    info = offline.TASK_INFO[task]
     for fs, d in dims.items():
       with open(os.path.join(out, task, fs, "meta.json")) as f:
         meta = json.load(f)
@@ -187,10 +189,129 @@ def test_baselines_write_export_layout_and_score(builds, tmp_path):
       assert meta["files"] == [r["path"] for r in _rows(a, task)]
       feat = np.load(os.path.join(out, task, fs, _first_path(a, task) + ".npy"))
       assert feat.shape == (1, 1, d) and np.all(np.isfinite(feat))
-      assert set(info.metrics) <= set(scores[task][fs])
-      assert np.isfinite(scores[task][fs][info.main_metric])
+      for protocol in ("linear", "mlp"):
+        summary = scores[task][fs][protocol]
+        assert len(summary["seeds"]) == 3 and summary["n_clips"] == 8
+        assert summary["mean"] == pytest.approx(np.mean(summary["seeds"]))
+        assert summary["ci"][0] <= summary["ci"][1] and np.isfinite(summary["valid"])
   with open(os.path.join(out, "scores.json")) as f:
     assert json.load(f) == json.loads(json.dumps(scores))
+  table = baselines.format_scores(scores)
+  assert table.count("\n") == 1 + 2 * len(PROBED)
+  assert f"| chord | accuracy | mlp | {evaluation.format_score(scores['chord']['logmel']['mlp'])}" \
+      in table
+
+
+def _chord_wave(root_hz, intervals, seconds=2.56):
+  t = np.arange(int(seconds * 24_000)) / 24_000
+  wave = sum(np.sin(2 * np.pi * root_hz * 2 ** (k / 12) * t) for k in intervals)
+  return (0.1 * wave).astype(np.float32)
+
+
+def test_chroma_and_mfcc_equal_librosa():
+  rng = np.random.default_rng(0)
+  wave = _chord_wave(261.63, (0, 4, 7)) + 0.001 * rng.standard_normal(61_440).astype(
+      np.float32)
+  ours = baselines.chroma(wave)
+  # librosa on the same framing: reflect padding by (n_fft - hop) / 2, no centring.
+  pad = (4096 - 1200) // 2
+  want = librosa.feature.chroma_stft(y=np.pad(wave, (pad, pad), mode="reflect"),
+                                     sr=24_000, n_fft=4096, hop_length=1200, tuning=0.0,
+                                     center=False)
+  assert ours.shape == want.shape == (12, 51)
+  np.testing.assert_allclose(ours, want, atol=1e-5)
+  # C, E and G carry the chroma of a C major triad.
+  assert set(np.argsort(ours.mean(1))[-3:]) == {0, 4, 7}
+  logmel = frontend.log_mel_np(wave)
+  np.testing.assert_allclose(baselines.mfcc(logmel),
+                             librosa.feature.mfcc(S=logmel.T, n_mfcc=20).T, atol=1e-4)
+
+
+def test_chroma_interval_features_ignore_transposition():
+  c_major, d_major, c_augmented = (
+      baselines.clip_features(_chord_wave(root, intervals))["chroma"]
+      for root, intervals in ((261.63, (0, 4, 7)), (293.66, (0, 4, 7)), (261.63, (0, 4, 8))))
+  # Means: 12 chroma, then 7 interval magnitudes; then the stds.
+  chroma, intervals = slice(0, 12), slice(12, 19)
+  assert np.abs(c_major[chroma] - d_major[chroma]).max() > 0.5
+  np.testing.assert_allclose(c_major[intervals], d_major[intervals], rtol=0.05, atol=0.02)
+  # Another quality at the same root: other interval magnitudes (measured max difference
+  # 1.33: the augmented triad, three major thirds, puts its energy in coefficient 3).
+  assert np.abs(c_augmented[intervals] - c_major[intervals]).max() > 0.5
+
+
+@functools.lru_cache(maxsize=1)
+def _test_pieces():
+  """Synthetic pieces (no score parsing) eligible for every task, in all three splits:
+  two parts of quarter notes, 4/4, 64 quarters, a key."""
+  pieces = []
+  for i in range(90):
+    part = np.array([[q, 1.0, 60 + (q * 7 + i) % 12] for q in range(64)], np.float64)
+    pieces.append(corpus.Piece(id=f"synthetic/p{i:03d}", parts=[part, part - [0, 0, 12]],
+                               length=64.0, key=(0, "major") if i % 2 else (9, "minor"),
+                               time_signature=(4, 4)))
+  return pieces
+
+
+def _specs(task, n=240, seed=0):
+  return tasks_lib.plan_task(task, _test_pieces(), n, seed)
+
+
+def test_task_splits_share_the_examples_by_piece():
+  for task in offline.TASKS:
+    specs = _specs(task)
+    counts = {s: sum(x["split"] == s for x in specs) for s in ("train", "valid", "test")}
+    assert counts == {"train": 120, "valid": 36, "test": 84}, task
+    assert all(corpus.piece_split(x["piece"]) == x["split"] for x in specs)
+
+
+def test_pitch_and_chord_labels_by_construction():
+  for spec in _specs("pitch"):
+    bass, *upper = spec["pitches"]
+    assert tasks_lib.corpus.PITCH_NAMES[bass % 12] == spec["label"]
+    assert 36 <= bass < 60 and min(upper) >= bass + 12  # alone in its register
+  chord = _specs("chord")
+  for spec in chord:
+    classes = {p % 12 for p in spec["pitches"]}
+    shapes = [{(r + i) % 12 for i in tasks_lib.CHORD_QUALITIES[q]}
+              for q in tasks_lib.CHORD_CLASSES for r in range(12)]
+    # Exactly the label's quality at some root, and no other quality at any root.
+    matches = [q for q in tasks_lib.CHORD_CLASSES
+               if any(classes == {(r + i) % 12 for i in tasks_lib.CHORD_QUALITIES[q]}
+                      for r in range(12))]
+    assert matches == [spec["label"]] and classes in shapes
+  labels = [s["label"] for s in chord]
+  assert {labels.count(q) for q in tasks_lib.CHORD_CLASSES} == {60}
+
+
+def test_tempo_and_instrument_labels_by_construction():
+  for spec in _specs("tempo"):
+    bpm = float(spec["label"])
+    assert tasks_lib.TEMPO_BPM[0] <= bpm <= tasks_lib.TEMPO_BPM[1]
+    assert 60.0 / spec["quarter_s"] == pytest.approx(bpm, abs=0.005)
+  for spec in _specs("instruments"):
+    families = spec["label"].split(";")
+    assert 1 <= len(families) <= 2
+    # Every labelled family plays (through some part's program).
+    assert set(families) <= {render.program_family(p) for p in spec["programs"]}
+
+
+def test_drums_mark_the_tempo():
+  spec = next(s for s in _specs("tempo") if float(s["label"]) > 100)
+  piece = next(p for p in _test_pieces() if p.id == spec["piece"])
+  track = tasks_lib._drum_track(spec, piece, tasks_lib.CLIP_SECONDS)
+  kicks_and_snares = np.sort(track.notes[np.isin(track.notes[:, 2], (36, 38)), 0])
+  np.testing.assert_allclose(np.diff(kicks_and_snares), spec["quarter_s"], atol=1e-9)
+
+
+def test_extra_test_pieces_are_test_pieces_outside_the_selection():
+  base = corpus.select_sources(24, seed=0)
+  extra = corpus.select_test_sources(20, seed=0, exclude=[s[0] for s in base])
+  assert len(extra) == 20 and extra == corpus.select_test_sources(
+      20, seed=0, exclude=[s[0] for s in base])
+  assert all(corpus.piece_split(s[0]) == "test" for s in extra)
+  assert not {s[0] for s in extra} & {s[0] for s in base}
+  assert offline.extra_test_pieces(600) == 42
 
 
 # Run in a child with a private TMPDIR: music21's pickle cache is $TMPDIR/music21.

@@ -34,18 +34,28 @@ from pupujepa_jax import labels
 __all__ = ["build_offline", "TASK_INFO", "TASKS"]
 
 # Bump when the construction changes, so old caches are not reused.
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 MIN_PIECES = 24
+# Test clips per extra test piece (see `extra_test_pieces`).
+TEST_CLIPS_PER_PIECE = 5
 
 
 def default_examples(hours: float) -> int:
-  """Examples per task for a corpus of `hours`: 300 for the 2-hour demo."""
-  return int(np.clip(round(150 * hours), 16, 2000))
+  """Examples per task for a corpus of `hours`: 600 for the 2-hour demo (210 test clips)."""
+  return int(np.clip(round(300 * hours), 16, 2000))
 
 
-def default_pieces(hours: float, examples: int) -> int:
-  """How many scores to parse: enough for variety, few enough to parse in seconds."""
-  return int(np.clip(hours * 25 + examples / 6, MIN_PIECES, 400))
+def default_pieces(hours: float) -> int:
+  """How many scores to parse for the corpus (and the tasks' train and valid splits):
+  enough for variety, few enough to parse in seconds."""
+  return int(np.clip(round(hours * 50), MIN_PIECES, 400))
+
+
+def extra_test_pieces(examples: int) -> int:
+  """Test-split scores parsed beyond the corpus selection, so that the test clips of a
+  task come from many pieces (about TEST_CLIPS_PER_PIECE clips each)."""
+  test_share = dict(tasks_lib.SPLIT_SHARES)["test"]
+  return int(round(examples * test_share / TEST_CLIPS_PER_PIECE))
 
 
 # ------------------------------------------------------------------------------ workers
@@ -179,7 +189,9 @@ def build_offline(out_dir: str, hours: float = 2.0, seed: int = 0, num_workers: 
     return {**cached, "cached": True, "seconds_wall": round(time.time() - t0, 3)}
   _prepare_out_dir(out_dir, args, digest)
 
-  sources = corpus.select_sources(default_pieces(hours, examples), seed)
+  sources = corpus.select_sources(default_pieces(hours), seed)
+  sources += corpus.select_test_sources(extra_test_pieces(examples), seed,
+                                        [s[0] for s in sources])
   ctx = multiprocessing.get_context("spawn")  # Fork is unsafe once JAX threads exist.
   pool = ctx.Pool(num_workers, initializer=_init_worker) if num_workers > 1 else None
   if pool is None:

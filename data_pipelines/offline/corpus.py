@@ -102,6 +102,23 @@ def select_sources(n: int, seed: int) -> list[tuple[str, str]]:
   return chosen
 
 
+def select_test_sources(n: int, seed: int, exclude) -> list[tuple[str, str]]:
+  """About `n` more test-split sources, none in `exclude`, each collection its share.
+
+  Test pieces never enter the pretraining corpus, so adding them widens the probe tasks'
+  test split (more distinct pieces behind its clips) and leaves the corpus as it is.
+  """
+  exclude = set(exclude)
+  rng = np.random.default_rng([seed, 5])
+  chosen = []
+  for name, share in COLLECTIONS:
+    pool = [s for s in list_sources() if s[0].startswith(name + "/")
+            and piece_split(s[0]) == "test" and s[0] not in exclude]
+    take = min(len(pool), int(round(share * n)))
+    chosen += [pool[i] for i in sorted(rng.choice(len(pool), take, replace=False))]
+  return chosen
+
+
 def _score_key(score, parts: list[np.ndarray], length: float) -> tuple[int, str] | None:
   """(tonic pitch class, mode) when the key signature and the final bass note agree.
 

@@ -3,17 +3,26 @@
 Each task has a `design` function that draws every random choice of one example from a
 seeded generator (so the label is known before any audio exists) and a `render` function
 that turns that plain-dict spec into audio. Splits follow the source piece
-(`corpus.piece_split`). The tasks are built to be hard for hand-crafted features:
-polyphony, random General MIDI instruments, registers and voicings, a quieter musical
-background, room reverb and noise.
+(`corpus.piece_split`), and the test split gets 35% of the examples (210 of the demo's
+600 per task) so that a few points of a metric are resolvable. Every clip is 2.56 s.
 
-- key: 24-way key of a 10.24 s excerpt (opening or close) of a transposed piece.
-- instruments: which GM families play in a 10.24 s polyphonic excerpt (multi-label).
-- pitch: pitch class of the lowest note of a sustained chord (any inversion, random
-  voicing) over a quieter corpus background and noise.
-- chord: quality of a sustained chord (10 qualities, any root, inversion, spread, one or
-  two instruments, strummed) over a faint corpus background and noise.
-- tempo: BPM (quarter notes) of a 10.24 s excerpt, half of them with a drum groove.
+Each task is built so that the best hand-crafted baseline (`pupujepa_jax.baselines`,
+the demo's probes) scores between chance + 0.1 and 0.9: informative, not solved. The
+designs were chosen on those baselines and chance alone (measured on 600 examples per
+task, 210 test clips; linear / MLP probe, chance in brackets):
+
+- key: 24-way key of an excerpt (opening or close) of a transposed piece; 0.42 / 0.51
+  weighted score (0.08).
+- instruments: which GM families (one or two) play a polyphonic excerpt (multi-label);
+  0.75 / 0.76 ROC-AUC (0.5).
+- pitch: pitch class of the lowest note of a sustained chord (any quality and inversion)
+  an octave or more below the chord, over a faint corpus background and noise; 0.40 /
+  0.42 accuracy (0.08).
+- chord: quality (major, minor, diminished, augmented) of a sustained chord at any root,
+  inversion and spread, one or two instruments, strummed, over a faint background and
+  noise; 0.43 / 0.59 accuracy (0.25).
+- tempo: BPM (quarter notes) of an excerpt played softly under a drum groove; 0.47 / 0.42
+  R^2 (0).
 """
 from __future__ import annotations
 
@@ -25,8 +34,13 @@ from data_pipelines.offline import corpus
 from data_pipelines.offline import render
 from pupujepa_jax import labels
 
-CLIP_SECONDS = 10.24
-SHORT_CLIP_SECONDS = 4.0
+# Every clip is two windows of the demo model (1.28 s crops): embedding cost, not the
+# music, limits how many clips the demo can afford, and the test split needs hundreds.
+CLIP_SECONDS = 2.56
+# Example shares per split. Pieces keep their split (`corpus.piece_split`); the test
+# split gets a larger share of the examples than of the pieces so that it holds enough
+# clips to resolve a few points of accuracy.
+SPLIT_SHARES = (("train", 0.5), ("valid", 0.15), ("test", 0.35))
 KEY_CLASSES = labels.KEY_CLASSES
 INSTRUMENT_FAMILIES = render.GM_FAMILIES[:12]
 CHORD_QUALITIES = {
@@ -36,6 +50,10 @@ CHORD_QUALITIES = {
     "minor seventh": (0, 3, 7, 10), "half-diminished seventh": (0, 3, 6, 10),
     "diminished seventh": (0, 3, 6, 9),
 }
+# The chord task's classes: four triads. All ten qualities above left every baseline at
+# chance (accuracy 0.10-0.13 on 45 test clips); four triads with the chord louder over
+# its background reach 0.43 (linear) / 0.59 (MLP) against a chance of 0.25.
+CHORD_CLASSES = ("major", "minor", "diminished", "augmented")
 TEMPO_BPM = (60.0, 180.0)
 
 
@@ -54,10 +72,10 @@ TASK_INFO = {
                     KEY_CLASSES),
     "instruments": TaskInfo("multilabel", ("roc_auc", "ap"), "roc_auc", CLIP_SECONDS,
                             INSTRUMENT_FAMILIES),
-    "pitch": TaskInfo("multiclass", ("accuracy",), "accuracy", SHORT_CLIP_SECONDS,
+    "pitch": TaskInfo("multiclass", ("accuracy",), "accuracy", CLIP_SECONDS,
                       corpus.PITCH_NAMES),
-    "chord": TaskInfo("multiclass", ("accuracy",), "accuracy", SHORT_CLIP_SECONDS,
-                      tuple(CHORD_QUALITIES)),
+    "chord": TaskInfo("multiclass", ("accuracy",), "accuracy", CLIP_SECONDS,
+                      CHORD_CLASSES),
     "tempo": TaskInfo("regression", ("r2",), "r2", CLIP_SECONDS),
 }
 TASKS = tuple(TASK_INFO)
@@ -89,17 +107,20 @@ def _background(rng, piece: corpus.Piece, seconds: float, level_db: tuple[float,
               level_db=float(rng.uniform(*level_db)))
 
 
-def _chord_pitches(rng, quality: str, root: int, inversion: int, low: int, high: int):
-  """MIDI pitches of a chord voicing: the inversion's tone lowest, the rest spread above."""
+def _chord_pitches(rng, quality: str, root: int, inversion: int, low: int, high: int,
+                   gap: int = 0):
+  """MIDI pitches of a chord voicing: the inversion's tone lowest (in [low, high)), the
+  rest spread over two octaves from `gap` semitones above it, some doubled an octave up
+  (with a gap, only the upper tones: the bass stays alone in its register)."""
   intervals = CHORD_QUALITIES[quality]
   tones = [(root + i) % 12 for i in intervals]
   bass_pc = tones[inversion]
   bass = int(rng.choice([p for p in range(low, high) if p % 12 == bass_pc]))
   pitches = [bass]
   for pc in tones[:inversion] + tones[inversion + 1:]:
-    pitches.append(bass + (pc - bass_pc) % 12 + 12 * int(rng.integers(0, 2)))
-  for _ in range(int(rng.integers(0, 3))):  # Octave doublings above the bass.
-    pitches.append(int(rng.choice(pitches)) + 12)
+    pitches.append(bass + gap + (pc - bass_pc) % 12 + 12 * int(rng.integers(0, 2)))
+  for _ in range(int(rng.integers(0, 3))):
+    pitches.append(int(rng.choice(pitches[1:] if gap else pitches)) + 12)
   return bass, sorted(pitches)
 
 
@@ -139,7 +160,9 @@ def _design_instruments(rng, piece, slot):
   active = _active_parts(piece, quarter_s, start, CLIP_SECONDS)
   if not active:
     raise ValueError(f"{piece.id}: no part sounds in the excerpt")
-  k = min(len(active), int(rng.choice([1, 2, 3], p=[0.25, 0.4, 0.35])))
+  # One or two families: with up to three (p = .25/.4/.35) the best hand-crafted probe
+  # reached ROC-AUC 0.64-0.67, too close to chance + 0.1; with one or two, 0.72-0.75.
+  k = min(len(active), int(rng.choice([1, 2])))
   first = slot % len(INSTRUMENT_FAMILIES)
   others = [f for f in range(len(INSTRUMENT_FAMILIES)) if f != first]
   families = [first] + [int(f) for f in rng.choice(others, k - 1, replace=False)]
@@ -160,38 +183,44 @@ def _design_pitch(rng, piece, slot):
   quality = str(rng.choice(list(CHORD_QUALITIES)))
   inversion = int(rng.integers(len(CHORD_QUALITIES[quality])))
   root = (slot - CHORD_QUALITIES[quality][inversion]) % 12  # The bass is pitch class `slot`.
-  bass, pitches = _chord_pitches(rng, quality, root, inversion, 36, 66)
-  on = float(rng.uniform(0.2, 0.8))
+  # The bass an octave or more below the chord (an open voicing): with the bass among
+  # the chord tones the best hand-crafted probe scored 0.18 (chance 0.08), with it alone
+  # in its register 0.41.
+  bass, pitches = _chord_pitches(rng, quality, root, inversion, 36, 60, gap=12)
+  on = float(rng.uniform(0.1, 0.4))
   return dict(label=corpus.PITCH_NAMES[bass % 12], pitches=pitches,
               programs=_programs(rng, 1), onsets=[on] * len(pitches),
-              offset=float(rng.uniform(2.8, 3.8)), velocity=float(rng.uniform(0.6, 1.0)),
-              background=_background(rng, piece, SHORT_CLIP_SECONDS, (-16.0, -4.0)),
-              **_effects(rng, (5.0, 30.0)))
+              offset=float(rng.uniform(2.0, 2.5)), velocity=float(rng.uniform(0.6, 1.0)),
+              background=_background(rng, piece, CLIP_SECONDS, (-36.0, -24.0)),
+              **_effects(rng, (25.0, 50.0)))
 
 
 def _design_chord(rng, piece, slot):
-  quality = list(CHORD_QUALITIES)[slot % len(CHORD_QUALITIES)]
+  quality = CHORD_CLASSES[slot % len(CHORD_CLASSES)]
   inversion = int(rng.integers(len(CHORD_QUALITIES[quality])))
   _, pitches = _chord_pitches(rng, quality, int(rng.integers(12)), inversion, 40, 64)
-  on = float(rng.uniform(0.2, 0.8))
+  on = float(rng.uniform(0.1, 0.4))
   strum = float(rng.uniform(0.0, 0.06))
   n_instruments = int(rng.integers(1, 3))
   return dict(label=quality, pitches=pitches, programs=_programs(rng, n_instruments),
               onsets=[on + strum * i for i in range(len(pitches))],
-              offset=float(rng.uniform(2.8, 3.8)), velocity=float(rng.uniform(0.6, 1.0)),
-              background=_background(rng, piece, SHORT_CLIP_SECONDS, (-26.0, -12.0)),
-              **_effects(rng, (10.0, 35.0)))
+              offset=float(rng.uniform(2.0, 2.5)), velocity=float(rng.uniform(0.6, 1.0)),
+              background=_background(rng, piece, CLIP_SECONDS, (-36.0, -24.0)),
+              **_effects(rng, (20.0, 45.0)))
 
 
 def _design_tempo(rng, piece, slot):
   bpm = float(rng.uniform(*TEMPO_BPM))
   quarter_s = 60.0 / bpm  # Tempo pieces have quarter-note beats.
   n = len(piece.parts)
+  # The music plays softly under the drum groove (velocities 0.25-0.5, noise 20-45 dB
+  # down): with the music at full level (0.5-1.0, 10-40 dB) the best hand-crafted probe
+  # reached R^2 0.13-0.19, with the groove on top 0.38-0.42.
   return dict(label=f"{bpm:.2f}", quarter_s=quarter_s,
               start_s=_excerpt(rng, piece, quarter_s, CLIP_SECONDS),
               transpose=int(rng.integers(-6, 6)), programs=_programs(rng, n),
-              velocities=[float(v) for v in rng.uniform(0.5, 1.0, n)],
-              drums=bool(rng.random() < 0.5), **_effects(rng, (10.0, 40.0)))
+              velocities=[float(v) for v in rng.uniform(0.25, 0.5, n)],
+              **_effects(rng, (20.0, 45.0)))
 
 
 def _eligible(task: str, piece: corpus.Piece) -> bool:
@@ -220,7 +249,7 @@ def plan_task(task: str, pieces: list[corpus.Piece], n: int, seed: int) -> list[
     raise ValueError(f"unknown task {task!r}; known: {TASKS}")
   task_index = TASKS.index(task)
   rng = np.random.default_rng([seed, 3, task_index])
-  counts = {s: max(1, int(round(f * n))) for s, f in corpus.SPLIT_FRACTIONS[1:]}
+  counts = {s: max(1, int(round(f * n))) for s, f in SPLIT_SHARES[1:]}
   counts = {"train": max(1, n - sum(counts.values())), **counts}
   specs = []
   for split, count in counts.items():
@@ -300,7 +329,7 @@ def render_example(spec: dict, piece: corpus.Piece, synth: render.Synth) -> np.n
     tracks = corpus.piece_tracks(piece, spec["programs"], spec["quarter_s"],
                                  spec["transpose"], spec["velocities"], spec["start_s"],
                                  spec["start_s"] + seconds)
-    if spec.get("drums"):
+    if task == "tempo":
       tracks.append(_drum_track(spec, piece, seconds))
     audio = synth.render(tracks, seconds)
   return _finish(audio, spec)
