@@ -77,6 +77,24 @@ def _peak_rss_gb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB -> GB (Linux)
 
 
+def _cpu_seconds() -> float:
+  """CPU time of this process (all threads): less sensitive than wall time to other
+  processes competing for the cores of a shared machine."""
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  return usage.ru_utime + usage.ru_stime
+
+
+def _timed(step, sync, steps: int) -> dict:
+  wall, cpu = [], []
+  for _ in range(steps):
+    start, start_cpu = time.perf_counter(), _cpu_seconds()
+    sync(step())
+    wall.append(time.perf_counter() - start)
+    cpu.append(_cpu_seconds() - start_cpu)
+  return {"step_s": round(min(wall), 4), "step_s_median": round(sorted(wall)[len(wall) // 2], 4),
+          "cpu_s_per_step": round(min(cpu), 2)}
+
+
 def run_jax(cfg, steps: int, inputs: str) -> dict:
   import jax
   import numpy as np
@@ -100,19 +118,19 @@ def run_jax(cfg, steps: int, inputs: str) -> dict:
   state, metrics = step_fn(state, batch)
   jax.block_until_ready(metrics)
   first = time.perf_counter() - start
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
+
+  def step():
+    nonlocal state, metrics
     state, metrics = step_fn(state, batch)
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - start)
+    return metrics
+
+  timing = _timed(step, jax.block_until_ready, steps)
   device = jax.devices()[0]
   memory = device.memory_stats() or {}  # accelerators report their peak; CPUs do not
   return {"side": "jax", "backend": jax.default_backend(), "device": device.device_kind,
           "devices": jax.device_count(), "attention": cfg.attention, "remat": cfg.remat,
           "dtype": cfg.compute_dtype, "inputs": inputs,
-          "compile_plus_first_step_s": round(first, 2), "step_s": round(min(times), 4),
-          "step_s_median": round(sorted(times)[len(times) // 2], 4),
+          "compile_plus_first_step_s": round(first, 2), **timing,
           "xla_counted_gflop": round(xla_flops / 1e9, 1),
           "loss": float(metrics["loss"]), "peak_rss_gb": round(_peak_rss_gb(), 2),
           "peak_device_gb": round(memory.get("peak_bytes_in_use", 0) / 1e9, 2) or None}
@@ -156,16 +174,11 @@ def run_torch(cfg, steps: int) -> dict:
     return float(loss.detach())
 
   start = time.perf_counter()
-  step()
+  loss = step()
   first = time.perf_counter() - start
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    loss = step()
-    times.append(time.perf_counter() - start)
+  timing = _timed(step, lambda x: x, steps)
   return {"side": "torch", "torch": torch.__version__, "threads": torch.get_num_threads(),
-          "first_step_s": round(first, 2), "step_s": round(min(times), 4),
-          "step_s_median": round(sorted(times)[len(times) // 2], 4), "loss": loss,
+          "first_step_s": round(first, 2), **timing, "loss": loss,
           "peak_rss_gb": round(_peak_rss_gb(), 2)}
 
 
@@ -210,6 +223,8 @@ def main():
     print(json.dumps({"torch": torch_r, "jax": jax_r,
                       "step_time_ratio_jax_over_torch": round(jax_r["step_s"] /
                                                               torch_r["step_s"], 3),
+                      "cpu_time_ratio_jax_over_torch": round(jax_r["cpu_s_per_step"] /
+                                                             torch_r["cpu_s_per_step"], 3),
                       "peak_rss_ratio_jax_over_torch": round(jax_r["peak_rss_gb"] /
                                                              torch_r["peak_rss_gb"], 3)},
                      indent=2))
