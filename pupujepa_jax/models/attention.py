@@ -35,7 +35,10 @@ KERNELS = ("auto", "xla", "blockwise", "cudnn", "splash")
 # released grids, 2048 tokens, so the online softmax never has to rescale there).
 BLOCK_Q = 256
 BLOCK_K = 2048
-HEADS_PER_STEP = 1
+# (batch, head) pairs per step of the blockwise loop: enough that one step's logits
+# block holds about this many elements (4 MB in float32, cache-sized on CPUs) - one pair
+# for the released grids, many for short windows, where per-step overheads dominate.
+BLOCK_ELEMENTS = 1 << 20
 SPLASH_BLOCK = 128
 CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 _NEG = -1e30  # logit of a padded key: exp() underflows to exactly 0
@@ -222,17 +225,20 @@ _flash.defvjp(_flash_fwd_rule, _flash_backward)
 
 
 def blockwise_attention(q, k, v, block_q: int = BLOCK_Q, block_k: int = BLOCK_K,
-                        heads_per_step: int | None = HEADS_PER_STEP):
+                        heads_per_step: int | str | None = "auto"):
   """Memory-light attention (see module docstring); any Nq, Nk (padding is masked).
 
-  With `heads_per_step`, the (batch x head) pairs are processed that many at a time in a
-  sequential loop, so one block's logits ([heads_per_step, block_q, block_k]) stay in
-  the CPU's caches; None processes all pairs in every block.
+  The (batch x head) pairs are processed `heads_per_step` at a time in a sequential
+  loop, so one block's logits ([heads_per_step, block_q, block_k]) stay in the CPU's
+  caches; "auto" picks it from BLOCK_ELEMENTS, None processes all pairs in every block.
   """
-  if heads_per_step is None:
-    return _flash(q, k, v, int(block_q), int(block_k))
   b, n_q, h, d = q.shape
   pairs = b * h
+  if heads_per_step == "auto":
+    block = min(block_q, n_q) * min(block_k, k.shape[1])
+    heads_per_step = max(1, BLOCK_ELEMENTS // block)
+  if heads_per_step is None or heads_per_step >= pairs:
+    return _flash(q, k, v, int(block_q), int(block_k))
   chunk = max(c for c in range(1, min(heads_per_step, pairs) + 1) if pairs % c == 0)
 
   def per_pair(x):  # [B, N, H, d] -> [pairs / chunk, chunk, N, 1, d]
