@@ -348,3 +348,32 @@ def test_scores_never_load_or_write_music21_pickles(tmp_path):
   assert not marker.exists()
   # Only the three planted files: music21 wrote no pickle of its own.
   assert len(result["scratch"]) == 3
+
+
+def test_synth_renders_what_a_soundfont_parsed_anew_renders():
+  """Renders start from a clone of one parsed soundfont; each must sound exactly like a
+  soundfont parsed from the file for that render alone, whatever was rendered before."""
+  tsf = render.require("tinysoundfont")._tinysoundfont
+  tracks = [render.Track(program=p, notes=np.array([[0.1, 0.9, 60.0 + p % 12, 0.8],
+                                                    [0.3, 1.5, 67.0, 0.6]]))
+            for p in (0, 24, 40, 73)]
+  tracks.append(render.Track(program=0, notes=np.array([[0.0, 0.1, 36.0, 0.9],
+                                                        [0.5, 0.55, 42.0, 0.6]]),
+                             is_drum=True))
+  synth = render.Synth()
+  clone_first = synth.render(tracks, 2.0)
+  synth.render(tracks[1:3], 1.0)  # other notes in between
+  clone_again = synth.render(tracks, 2.0)
+
+  def parsed_anew():
+    with open(render.soundfont_path(), "rb") as f:
+      sf = tsf.SoundFont(f.read())
+    sf.set_output(tsf.OutputMode.Mono, 24_000, 0.0)
+    sf.set_max_voices(synth.max_voices)
+    return sf
+
+  synth._fresh = parsed_anew
+  reference = synth.render(tracks, 2.0)
+  assert np.abs(reference).max() > 0.1
+  np.testing.assert_array_equal(clone_first, reference)
+  np.testing.assert_array_equal(clone_again, reference)
