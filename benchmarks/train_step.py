@@ -5,7 +5,7 @@ Not a test: prints numbers for whatever backend JAX finds.
 
   python benchmarks/train_step.py                                   # released tiny, batch 8
   python benchmarks/train_step.py --side_by_side                    # ... and PyTorch's step
-  python benchmarks/train_step.py --config experiments/demo.py --side_by_side
+  python benchmarks/train_step.py --config experiments/cpu_demo.py --side_by_side
   python benchmarks/train_step.py --config experiments/pupujepa.py:variant=base,batch=64,bf16
 
 `--side_by_side` runs each side in its own process, one after the other (so each peak

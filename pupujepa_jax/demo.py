@@ -2,7 +2,7 @@
 
 Stages (each reuses what an earlier run already built under `--out`):
   1. render the offline corpus and probe tasks (data_pipelines.offline), ingest the corpus
-  2. pretrain experiments/demo.py (resumes a finished or interrupted run)
+  2. pretrain experiments/cpu_demo.py (resumes a finished or interrupted run)
   3. export the teacher; write a random-init encoder of the same architecture
   4. embed every probe task with both (every block layer and the final one)
   5. hand-crafted baseline features
@@ -71,7 +71,7 @@ def pretrain(out: pathlib.Path, config_arg: str):
   from pupujepa_jax import config as config_lib
   from pupujepa_jax import trainer
   arg = ",".join(filter(None, [f"data={out / 'data' / 'corpus_tfds'}", config_arg]))
-  cfg = config_lib.load_config(f"{pathlib.Path(__file__).parents[1] / 'experiments' / 'demo.py'}:{arg}")
+  cfg = config_lib.load_config(f"{pathlib.Path(__file__).parents[1] / 'experiments' / 'cpu_demo.py'}:{arg}")
   return cfg, trainer.train(cfg, out / "pretrain")
 
 
@@ -532,7 +532,7 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default="demo_out")
   parser.add_argument("--hours", type=float, default=2.0)
-  parser.add_argument("--config_arg", default="", help="argument for experiments/demo.py")
+  parser.add_argument("--config_arg", default="", help="argument for experiments/cpu_demo.py")
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(argv)
   run(args.out, args.hours, args.config_arg, args.seed)

@@ -286,6 +286,73 @@ def _relpaths(input_path: pathlib.Path):
   return [(f, f.relative_to(input_path)) for f in audio.list_audio_files(input_path)]
 
 
+def _folder_meta(model: Model, readout: str, layers: list[int], hop_seconds: float) -> dict:
+  """meta.json of a feature folder before any file is embedded (`features` format)."""
+  provenance = model.meta.get("provenance", {})
+  return {"D": model.feature_dim(readout), "L": model.num_layers - 1,
+          "layers": layers, "layer_names": layer_names(model.num_layers, layers),
+          "token_rate": model.token_rate,
+          "tokens_per_second": model.token_rate * model.grid[1],
+          "sample_rate": model.sample_rate, "readout": readout, "model_id": model.model_id,
+          "config_hash": provenance.get("config_hash"), "step": provenance.get("step"),
+          "window_seconds": model.window_seconds, "hop_seconds": hop_seconds,
+          "short_policy": model.short_policy, "shape": "[layers, n_chunks, D]"}
+
+
+class _WindowBatcher:
+  """Packs the windows of consecutive files into full batches and writes each file's
+  features once all its windows are embedded, in file order."""
+
+  def __init__(self, model: Model, readout: str, layers: list[int], out: pathlib.Path,
+               relpaths: list[pathlib.Path]):
+    self.model, self.readout, self.layers = model, readout, layers
+    self.out, self.relpaths = out, relpaths
+    self.pending, self.owners = [], []  # windows waiting for a batch, and each one's file
+    self.parts = {}                     # file index -> features of its embedded windows
+    self.decoded = []                   # files fully decoded, not yet written, in order
+    self.written = []
+
+  def add(self, index: int, window: np.ndarray) -> None:
+    self.pending.append(window)
+    self.owners.append(index)
+    if len(self.pending) == self.model.batch_size:
+      self._run_batch()
+      self._write_finished()
+
+  def drop(self, index: int) -> None:
+    """Forgets a file that failed to decode part-way (its windows are the newest)."""
+    self.parts.pop(index, None)
+    while self.owners and self.owners[-1] == index:
+      self.pending.pop()
+      self.owners.pop()
+
+  def file_done(self, index: int) -> None:
+    self.decoded.append(index)
+    self._write_finished()
+
+  def flush(self) -> None:
+    if self.pending:
+      self._run_batch()
+    self._write_finished()
+
+  def _run_batch(self):
+    feats = self.model.embed_windows(np.stack(self.pending), self.readout, self.layers)
+    start = 0
+    for index, group in itertools.groupby(self.owners):
+      n = len(list(group))
+      self.parts.setdefault(index, []).append(feats[:, start:start + n])
+      start += n
+    self.pending.clear()
+    self.owners.clear()
+
+  def _write_finished(self):
+    while self.decoded and self.decoded[0] not in self.owners:
+      index = self.decoded.pop(0)
+      features.write_features(self.out, self.relpaths[index],
+                              np.concatenate(self.parts.pop(index), axis=1))
+      self.written.append(str(self.relpaths[index]))
+
+
 def embed_folder(model: Model, input_path, out, readout: str = "freqcat", layers="all",
                  window_seconds: float | None = None, hop_seconds: float | None = None,
                  progress: bool = True, overwrite: bool = False) -> dict:
@@ -307,37 +374,10 @@ def embed_folder(model: Model, input_path, out, readout: str = "freqcat", layers
   files = _relpaths(input_path)
   chosen = select_layers(model.num_layers, layers)
   hop = model.hop_samples(hop_seconds) / model.sample_rate
-  provenance = model.meta.get("provenance", {})
-  meta = {"D": model.feature_dim(readout), "L": model.num_layers - 1,
-          "layers": chosen, "layer_names": layer_names(model.num_layers, chosen),
-          "token_rate": model.token_rate,
-          "tokens_per_second": model.token_rate * model.grid[1],
-          "sample_rate": model.sample_rate, "readout": readout, "model_id": model.model_id,
-          "config_hash": provenance.get("config_hash"), "step": provenance.get("step"),
-          "window_seconds": model.window_seconds, "hop_seconds": hop,
-          "short_policy": model.short_policy, "shape": "[layers, n_chunks, D]"}
+  meta = _folder_meta(model, readout, chosen, hop)
   features.open_folder(out, meta, overwrite)
-  failed, written = [], []
-  pending, owners = [], []  # windows waiting for a batch, and the file index of each
-  parts = {}                # file index -> features of its embedded windows
-  decoded = []              # files fully decoded but not yet written, in order
-
-  def run_batch():
-    feats = model.embed_windows(np.stack(pending), readout, chosen)
-    start = 0
-    for index, group in itertools.groupby(owners):
-      n = len(list(group))
-      parts.setdefault(index, []).append(feats[:, start:start + n])
-      start += n
-    pending.clear()
-    owners.clear()
-
-  def write_finished():
-    while decoded and decoded[0] not in owners:
-      index = decoded.pop(0)
-      features.write_features(out, files[index][1], np.concatenate(parts.pop(index), axis=1))
-      written.append(str(files[index][1]))
-
+  batcher = _WindowBatcher(model, readout, chosen, out, [relpath for _, relpath in files])
+  failed = []
   bar = None
   if progress:
     from tqdm import tqdm
@@ -346,28 +386,18 @@ def embed_folder(model: Model, input_path, out, readout: str = "freqcat", layers
     for index, (path, relpath) in enumerate(files):
       try:
         for window in model.file_windows(path, hop):
-          pending.append(window)
-          owners.append(index)
-          if len(pending) == model.batch_size:
-            run_batch()
-            write_finished()
+          batcher.add(index, window)
       except audio.AudioDecodeError as e:
         failed.append({"path": str(relpath), "reason": e.reason})
-        parts.pop(index, None)
-        while owners and owners[-1] == index:  # its windows are the newest
-          pending.pop()
-          owners.pop()
+        batcher.drop(index)
       else:
-        decoded.append(index)
-        write_finished()
+        batcher.file_done(index)
       if bar is not None:
         bar.update(1)
-    if pending:
-      run_batch()
-    write_finished()
+    batcher.flush()
   finally:
     if bar is not None:
       bar.close()
-  meta.update(n_files=len(written), files=written, failed=failed)
+  meta.update(n_files=len(batcher.written), files=batcher.written, failed=failed)
   features.write_meta(out, meta)
   return meta

@@ -53,8 +53,6 @@ HIDDEN = 512
 DROPOUT = 0.2
 PLATEAU_FACTOR = 0.5
 PLATEAU_PATIENCE = 3
-# The 24 key classes, in a fixed order (mir_eval treats enharmonic spellings as equal).
-KEY_TONICS = labels.PITCH_CLASSES
 KEY_CLASSES = labels.KEY_CLASSES
 _STD_FLOOR = 1e-6
 

@@ -82,7 +82,7 @@ def test_a_group_set_to_a_value_is_named():
     config_lib.validate(cfg)
 
 
-@pytest.mark.parametrize("spec", ["experiments/pupujepa.py", "experiments/demo.py",
+@pytest.mark.parametrize("spec", ["experiments/pupujepa.py", "experiments/cpu_demo.py",
                                   "experiments/pupujepa.py:variant=huge,batch=2048,fsdp=8"])
 def test_shipped_configs_validate(spec):
   config_lib.validate(config_lib.load_config(spec))

@@ -162,6 +162,32 @@ def _dir_bytes(path: str) -> int:
              for root, _, files in os.walk(path) for f in files)
 
 
+def _plan_jobs(out_dir: str, pieces: list, tasks: tuple[str, ...], examples: int,
+               seed: int, hours: float) -> tuple[dict, list]:
+  """The task clips ({task: specs}) and the render jobs (kind, spec, piece, wav path) of
+  the corpus and every task; all test pieces are held out of the corpus, whichever tasks
+  are built."""
+  by_id = {p.id: p for p in pieces}
+  specs = {t: tasks_lib.plan_task(t, pieces, examples, seed) for t in tasks}
+  train_pieces = [p for p in pieces if corpus.piece_split(p.id) != "test"]
+  plans = corpus.plan_corpus(train_pieces, hours * 3600.0, seed) if hours > 0 else []
+  jobs = [("corpus", p, by_id[p["piece"]],
+           os.path.join(out_dir, "corpus", p["name"] + ".wav")) for p in plans]
+  jobs += [("task", s, by_id[s["piece"]], os.path.join(out_dir, "tasks", t, s["name"]))
+           for t in tasks for s in specs[t]]
+  return specs, jobs
+
+
+def _write_task_labels(task_dir: str, rows: list[dict], clip_seconds: float) -> dict:
+  """Writes a task's labels.csv for its rendered clips; returns the task's summary."""
+  labels.write_labels_csv([(s["name"], s["label"], s["split"]) for s in rows],
+                          os.path.join(task_dir, labels.LABELS_FILE))
+  return dict(
+      examples=len(rows), bytes=_dir_bytes(task_dir),
+      splits={sp: sum(s["split"] == sp for s in rows) for sp in labels.SPLITS},
+      pieces=len({s["piece"] for s in rows}), clip_seconds=clip_seconds)
+
+
 def build_offline(out_dir: str, hours: float = 2.0, seed: int = 0, num_workers: int = 2,
                   progress: bool = True, tasks: tuple[str, ...] = TASKS,
                   examples_per_task: int | None = None) -> dict:
@@ -200,15 +226,7 @@ def build_offline(out_dir: str, hours: float = 2.0, seed: int = 0, num_workers: 
   try:
     pieces, skipped_scores = _load_pieces(sources, os.path.join(out_dir, "cache", "pieces"),
                                           pool, progress)
-    by_id = {p.id: p for p in pieces}
-    specs = {t: tasks_lib.plan_task(t, pieces, examples, seed) for t in tasks}
-    # All test pieces are held out of the corpus, whichever tasks are built.
-    train_pieces = [p for p in pieces if corpus.piece_split(p.id) != "test"]
-    plans = corpus.plan_corpus(train_pieces, hours * 3600.0, seed) if hours > 0 else []
-    jobs = [("corpus", p, by_id[p["piece"]],
-             os.path.join(out_dir, "corpus", p["name"] + ".wav")) for p in plans]
-    jobs += [("task", s, by_id[s["piece"]], os.path.join(out_dir, "tasks", t, s["name"]))
-             for t in tasks for s in specs[t]]
+    specs, jobs = _plan_jobs(out_dir, pieces, tasks, examples, seed, hours)
     todo = [j for j in jobs if not os.path.isfile(j[3])]
     t_render = time.time()
     results = {path: (seconds, error)
@@ -221,19 +239,14 @@ def build_offline(out_dir: str, hours: float = 2.0, seed: int = 0, num_workers: 
   def ok(job):
     return results.get(job[3], (None, None))[1] is None
 
-  files, summary_tasks = [], {}
   corpus_jobs = [j for j in jobs if j[0] == "corpus" and ok(j)]
-  files += [os.path.relpath(j[3], out_dir) for j in corpus_jobs]
+  files = [os.path.relpath(j[3], out_dir) for j in corpus_jobs]
+  summary_tasks = {}
   for t in tasks:
     task_dir = os.path.join(out_dir, "tasks", t)
     rows = [s for s in specs[t] if ok(("task", s, None, os.path.join(task_dir, s["name"])))]
-    labels.write_labels_csv([(s["name"], s["label"], s["split"]) for s in rows],
-                            os.path.join(task_dir, labels.LABELS_FILE))
     files += [os.path.join("tasks", t, s["name"]) for s in rows]
-    summary_tasks[t] = dict(
-        examples=len(rows), bytes=_dir_bytes(task_dir),
-        splits={sp: sum(s["split"] == sp for s in rows) for sp in ("train", "valid", "test")},
-        pieces=len({s["piece"] for s in rows}), clip_seconds=TASK_INFO[t].clip_seconds)
+    summary_tasks[t] = _write_task_labels(task_dir, rows, TASK_INFO[t].clip_seconds)
   failed = [e for _, e in results.values() if e is not None]
   summary = dict(
       args=args, args_hash=digest, cached=False,

@@ -3,7 +3,7 @@
 Sized for a 2-core CPU machine (`make demo` runs it end to end). By hand:
   pupujepa data offline --out demo_out/data
   pupujepa data ingest --input demo_out/data/corpus --out demo_out/data/corpus_tfds
-  pupujepa train --config experiments/demo.py:data=demo_out/data/corpus_tfds \
+  pupujepa train --config experiments/cpu_demo.py:data=demo_out/data/corpus_tfds \
       --workdir demo_out/pretrain
 
 Arguments (the pretraining levers the demo's ablation table measures): data=PATH (dataset
