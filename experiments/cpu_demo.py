@@ -9,7 +9,8 @@ Sized for a 2-core CPU machine (`make demo` runs it end to end). By hand:
 Arguments (the pretraining levers the demo's ablation table measures): data=PATH (dataset
 dir from `pupujepa data ingest`), steps=N, batch=N, lr=PEAK, ema=START (momentum rises
 linearly to ema_end), ema_end=END, loss=smooth_l1|normalized_mse|mse, ratio=MASKED_SHARE,
-width=N, depth=N, crop=FRAMES. The architecture keeps the released block flavour (SwiGLU,
+width=N, depth=N, crop=FRAMES; monitor=LABELS_CSV and monitor_every=N turn on the
+online kNN monitor (`make demo` passes the pitch task's train and valid clips). The architecture keeps the released block flavour (SwiGLU,
 fused qkv with bias, 2-D log-band RoPE, 4x16 patches, shared patch embedding) at a smaller
 size, and trains on 1.28 s crops (inference windows match).
 """
@@ -19,7 +20,7 @@ from pupujepa_jax import config as config_lib
 def get_config(arg: str = ""):
   a = config_lib.parse_arg(arg, data="", steps=850, batch=32, lr=1.5e-3, ema=0.996,
                            ema_end=1.0, loss="smooth_l1", ratio=0.8, width=128, depth=4,
-                           crop=128)
+                           crop=128, monitor="", monitor_every=50)
   c = config_lib.base_config("tiny")
   c.model.update(width=a.width, depth=a.depth, num_heads=max(1, a.width // 32))
   c.predictor.update(width=a.width // 2, depth=2, num_heads=max(1, a.width // 64))
@@ -30,6 +31,7 @@ def get_config(arg: str = ""):
   c.optim.update(lr=a.lr, min_lr=1e-5, warmup_steps=max(1, a.steps // 10),
                  ema=(a.ema, a.ema_end))
   c.mask.update(ratio=a.ratio, warmup_start=a.steps // 10, warmup_end=a.steps // 2)
+  c.monitor.update(labels=a.monitor, every=a.monitor_every if a.monitor else 0)
   c.log_every = 10
   c.checkpoint.update(every=100, keep=2, keep_period=0)
   return c

@@ -35,7 +35,12 @@ BASELINE_PREFIX = "baseline_"
 CURVES = (("loss", "training loss"), ("learning_rate", "learning rate"),
           (("teacher_std", "student_std"), "feature std (collapse alarm)"),
           ("teacher_rank", "teacher RankMe (effective rank)"),
-          ("prediction_cosine", "prediction cosine to targets"))
+          ("prediction_cosine", "prediction cosine to targets"),
+          ("knn_accuracy", "online kNN monitor (pitch, valid clips)"))
+# The online kNN monitor's labelled set: this task's train and valid clips (never its test
+# clips), embedded with the teacher every MONITOR_EVERY steps.
+MONITOR_TASK = "pitch"
+MONITOR_EVERY = 50
 ABLATION_MARK = "<!-- ablation table: demo.write_report(..., ablations=[...]) -->"
 
 
@@ -67,10 +72,24 @@ def build_data(out: pathlib.Path, hours: float, seed: int, tasks: list[str],
   return summary
 
 
-def pretrain(out: pathlib.Path, config_arg: str):
+def monitor_labels(out: pathlib.Path, tasks: list[str]) -> pathlib.Path | None:
+  """labels.csv of the kNN monitor (MONITOR_TASK's train and valid rows, paths relative
+  to `out`), or None when that task is not built."""
+  from pupujepa_jax import labels
+  if MONITOR_TASK not in tasks:
+    return None
+  task_dir = pathlib.Path("data") / "tasks" / MONITOR_TASK
+  rows = labels.read_labels_csv(out / task_dir / labels.LABELS_FILE)
+  return labels.write_labels_csv(
+      [(str(task_dir / r.path), r.label, r.split) for r in rows if r.split != "test"],
+      out / "monitor_labels.csv")
+
+
+def pretrain(out: pathlib.Path, config_arg: str, monitor_csv: pathlib.Path | None = None):
   from pupujepa_jax import config as config_lib
   from pupujepa_jax import trainer
-  arg = ",".join(filter(None, [f"data={out / 'data' / 'corpus_tfds'}", config_arg]))
+  monitor = f"monitor={monitor_csv},monitor_every={MONITOR_EVERY}" if monitor_csv else ""
+  arg = ",".join(filter(None, [f"data={out / 'data' / 'corpus_tfds'}", monitor, config_arg]))
   cfg = config_lib.load_config(f"{pathlib.Path(__file__).parents[1] / 'experiments' / 'cpu_demo.py'}:{arg}")
   return cfg, trainer.train(cfg, out / "pretrain")
 
@@ -377,7 +396,8 @@ def draw_pictures(out: pathlib.Path, cfg, model_dirs: dict, results: dict,
     ax.set_xlabel("step")
     if not isinstance(keys, str):
       ax.legend(fontsize=8)
-  axes.flat[-1].axis("off")
+  for ax in axes.flat[len(CURVES):]:
+    ax.axis("off")
   fig.tight_layout()
   fig.savefig(out / "curves.png", dpi=90)
   plt.close(fig)
@@ -483,6 +503,10 @@ def write_report(out: pathlib.Path, results: dict, timings: dict, pictures: dict
       f"{train_metrics.get('student_std', float('nan')):.3f}, teacher RankMe "
       f"{train_metrics.get('teacher_rank', float('nan')):.1f}, prediction cosine "
       f"{train_metrics.get('prediction_cosine', float('nan')):.3f}.", "",
+      *([f"Online kNN monitor ({MONITOR_TASK} valid clips, teacher's released embedding): "
+         f"accuracy {train_metrics['knn'][0][1]:.3f} at step {train_metrics['knn'][0][0]}, "
+         f"{train_metrics['knn'][-1][1]:.3f} at step {train_metrics['knn'][-1][0]}.", ""]
+        if train_metrics.get("knn") else []),
       f"![training curves]({pictures['curves']})", "",
       "## Masks (one sample per strategy; dark = target)", "", f"![masks]({pictures['masks']})",
       "", "## Attention of the pretrained teacher", "", f"![attention]({pictures['attention']})",
@@ -509,7 +533,7 @@ def run(out, hours: float = 2.0, config_arg: str = "", seed: int = 0,
     data_summary = build_data(out, hours, seed, tasks, examples_per_task)
     clear_stale_features(out, data_summary["args_hash"])
   with _stage("pretraining", timings):
-    cfg, _ = pretrain(out, config_arg)
+    cfg, _ = pretrain(out, config_arg, monitor_labels(out, tasks))
   with _stage("export", timings):
     model_dirs = export_models(out, cfg)
   with _stage("embedding", timings):
@@ -521,7 +545,9 @@ def run(out, hours: float = 2.0, config_arg: str = "", seed: int = 0,
   with _stage("pictures", timings):
     pictures = draw_pictures(out, cfg, model_dirs, results, tasks)
   from pupujepa_jax import metrics
-  train_metrics = metrics.read_jsonl(out / "pretrain" / "metrics.jsonl")[-1]
+  records = metrics.read_jsonl(out / "pretrain" / "metrics.jsonl")
+  train_metrics = dict(records[-1], knn=[(r["step"], r["knn_accuracy"]) for r in records
+                                         if "knn_accuracy" in r])
   write_report(out, results, timings, pictures, data_summary, train_metrics, ablations)
   print(verdict_table(results))
   _log(f"report: {out / 'report.md'}; total {sum(timings.values()):.0f} s")

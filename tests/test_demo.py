@@ -166,3 +166,23 @@ def _assert_training_did_something(out):
     pre, rnd = (np.load(f / (relpath + ".npy")) for f in folders)
     assert pre.shape == rnd.shape
     assert np.abs(pre - rnd).mean() > 0.1 * np.abs(pre).mean()
+
+
+def test_the_knn_monitor_sees_train_and_valid_clips_never_test(tmp_path):
+  """make demo's monitor set: the monitor task's train and valid rows, paths that resolve
+  from the csv's folder, and the config that turns the monitor on."""
+  from pupujepa_jax import config as config_lib
+  task_dir = tmp_path / "data" / "tasks" / demo.MONITOR_TASK
+  rows = [(f"audio/{i}.wav", "C", split) for i, split in enumerate(labels.SPLITS * 2)]
+  for path, _, _ in rows:
+    (task_dir / path).parent.mkdir(parents=True, exist_ok=True)
+    (task_dir / path).write_bytes(b"")
+  labels.write_labels_csv(rows, task_dir / labels.LABELS_FILE)
+  csv = demo.monitor_labels(tmp_path, [demo.MONITOR_TASK])
+  got = labels.read_labels_csv(csv)
+  assert sorted(r.split for r in got) == ["train", "train", "valid", "valid"]
+  assert all((csv.parent / r.path).is_file() for r in got)
+  assert demo.monitor_labels(tmp_path, ["chord"]) is None
+  cfg = config_lib.load_config(f"experiments/cpu_demo.py:data=x,monitor={csv},monitor_every=7")
+  assert (cfg.monitor.labels, cfg.monitor.every) == (str(csv), 7)
+  assert config_lib.load_config("experiments/cpu_demo.py:data=x").monitor.every == 0
