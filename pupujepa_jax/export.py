@@ -63,24 +63,27 @@ def expected_tensors(spec: models.ServingSpec) -> dict[str, tuple]:
   return {k: tuple(v.shape) for k, v in release_names.model_dir_to_release(fake).items()}
 
 
+def tensor_problems(expected: dict, shapes: dict, expected_by: str,
+                    ignore=lambda name: False) -> list[str]:
+  """What is wrong with a checkpoint's {name: shape} against the `expected` one: missing,
+  unexpected (unless `ignore(name)`) and mis-shaped tensors, a few of each named."""
+  def few(names):
+    return f"{names[:6]}" + (" ..." if len(names) > 6 else "")
+  missing = sorted(set(expected) - set(shapes))
+  unexpected = sorted(n for n in set(shapes) - set(expected) if not ignore(n))
+  wrong = [f"{k} has shape {tuple(shapes[k])}, {expected_by} {shape}"
+           for k, shape in expected.items() if k in shapes and tuple(shapes[k]) != shape]
+  return ([f"missing tensors {few(missing)}"] if missing else []) + (
+      [f"unexpected tensors {few(unexpected)}"] if unexpected else []) + (
+      [f"{len(wrong)} tensors of the wrong shape: " + "; ".join(wrong[:3])] if wrong else [])
+
+
 def check_tensors(shapes: dict, spec: models.ServingSpec, source) -> None:
   """Raise ModelDirError naming missing, unexpected or mis-shaped tensors of `source`.
 
   `shapes` maps names to shapes (from a safetensors header, before any data is read).
   """
-  expected = expected_tensors(spec)
-  missing = sorted(set(expected) - set(shapes))
-  unexpected = sorted(set(shapes) - set(expected))
-  wrong = [f"{k} has shape {tuple(shapes[k])}, the config expects {shape}"
-           for k, shape in expected.items() if k in shapes and tuple(shapes[k]) != shape]
-  problems = []
-  if missing:
-    problems.append(f"missing tensors {missing[:6]}" + (" ..." if len(missing) > 6 else ""))
-  if unexpected:
-    problems.append(f"unexpected tensors {unexpected[:6]}"
-                    + (" ..." if len(unexpected) > 6 else ""))
-  if wrong:
-    problems.append(f"{len(wrong)} tensors of the wrong shape: " + "; ".join(wrong[:3]))
+  problems = tensor_problems(expected_tensors(spec), shapes, "the config expects")
   if problems:
     arch = spec.architecture
     raise ModelDirError(f"{source} does not match its architecture (width={arch.width}, "

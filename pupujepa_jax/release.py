@@ -203,20 +203,9 @@ def _expected(cfg, groups) -> dict[str, tuple]:
 
 
 def _check_weights(header: dict, cfg, groups, source) -> None:
-  expected = _expected(cfg, groups)
-  missing = sorted(set(expected) - set(header))
-  unexpected = sorted(n for n in set(header) - set(expected)
-                      if n.split(".")[0] not in set(release_names.RELEASE_GROUPS) - set(groups))
-  wrong = [f"{k} is {tuple(header[k])}, args.json implies {s}" for k, s in expected.items()
-           if k in header and tuple(header[k]) != s]
-  problems = []
-  if missing:
-    problems.append(f"missing tensors {missing[:6]}" + (" ..." if len(missing) > 6 else ""))
-  if unexpected:
-    problems.append(f"unexpected tensors {unexpected[:6]}"
-                    + (" ..." if len(unexpected) > 6 else ""))
-  if wrong:
-    problems.append(f"{len(wrong)} tensors disagree with args.json: " + "; ".join(wrong[:3]))
+  other_groups = set(release_names.RELEASE_GROUPS) - set(groups)
+  problems = export.tensor_problems(_expected(cfg, groups), header, "args.json implies",
+                                    ignore=lambda name: name.split(".")[0] in other_groups)
   if problems:
     raise ReleaseError(f"{source}: " + "; ".join(problems))
 

@@ -47,7 +47,7 @@ def _write(tmp_path, steps, keep=3, protect=None):
   return manager
 
 
-def _flip_bytes(step_dir, count=64):
+def flip_bytes(step_dir, count=64):
   """Invert `count` bytes in the middle of the largest array data file (size unchanged)."""
   data_files = [p for p in (pathlib.Path(step_dir) / "state").rglob("*")
                 if p.is_file() and p.parent.name == "d"]
@@ -94,7 +94,7 @@ def test_a_state_holding_nan_is_never_written(tmp_path):
 
 def test_a_damaged_step_is_named_and_the_newest_good_one_restored(tmp_path, caplog):
   manager = _write(tmp_path, [1, 2, 3])
-  _flip_bytes(tmp_path / "checkpoints" / "3")
+  flip_bytes(tmp_path / "checkpoints" / "3")
   with caplog.at_level(logging.WARNING):
     restored = _restore(manager, _state())
   assert restored.step == 2 and restored.health == {"loss": 0.5, "param_norm": 1.0}
@@ -162,7 +162,7 @@ def test_export_restores_the_newest_step_that_verifies(tmp_path, capsys):
   _, _, _, state = workdir_lib.restore(workdir)
   state = jax.tree.map(lambda x: x + 1 if x.dtype == jnp.float32 else x, state)
   checkpointing.save_state(workdir, 2, state)
-  _flip_bytes(workdir / "checkpoints" / "2")
+  flip_bytes(workdir / "checkpoints" / "2")
   assert cli.main(["export", "--workdir", str(workdir), "--out", str(tmp_path / "m")]) == 0
   assert json.loads(capsys.readouterr().out)["step"] == 1
   assert cli.main(["export", "--workdir", str(workdir), "--out", str(tmp_path / "m2"),

@@ -166,7 +166,7 @@ def test_refusals_name_the_culprit(tmp_path):
   with pytest.raises(release.ReleaseError, match=r"unexpected tensors \['teacher.blocks.1"):
     attempt(extra, out=tmp_path / "o")
   with pytest.raises(release.ReleaseError,
-                     match=r"patch_embed.proj.weight is \(64, 1, 4, 16\), args.json implies "
+                     match=r"patch_embed.proj.weight has shape \(64, 1, 4, 16\), args.json implies "
                            r"\(96, 1, 4, 16\)"):
     attempt(args_obj=release_args(64, embed_dim=96), out=tmp_path / "o")
   no_teacher = {k: v for k, v in state.items() if not k.startswith("teacher.")}

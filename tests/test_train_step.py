@@ -117,12 +117,7 @@ def test_no_recompilation_across_steps_and_strategies():
     dict(loss="mse", model=dict(pos_embed="sincos", drop_path=0.1, layer_scale=0.1)),
 ])
 def test_variants_of_the_step_run_and_stay_finite(overrides):
-  cfg = config_lib.load_config(SMOKE)
-  for key, value in overrides.items():
-    if isinstance(value, dict):
-      cfg[key].update(value)
-    else:
-      cfg[key] = value
+  cfg = ref.smoke_cfg(**overrides)
   config_lib.validate(cfg, 8)
   _, metrics, _ = _run(cfg, sharding.make_mesh(8, 1), 2, _batch(cfg))
   assert all(np.isfinite(m["loss"]) for m in metrics)

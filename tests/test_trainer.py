@@ -17,6 +17,7 @@ import pytest
 from pupujepa_jax import checkpointing, cli, metrics, sharding, train_step, trainer
 from pupujepa_jax import config as config_lib
 from pupujepa_jax import workdir as workdir_lib
+from tests.test_checkpointing import flip_bytes
 
 STEPS = 60
 
@@ -90,17 +91,6 @@ def test_run_files_and_logged_metrics(uninterrupted):
   assert manager.latest_step() == STEPS and STEPS - 5 in manager.all_steps()
 
 
-def _flip_bytes(step_dir, count=64):
-  """Invert `count` bytes in the middle of the largest array data file (size unchanged)."""
-  data_files = [p for p in (pathlib.Path(step_dir) / "state").rglob("*")
-                if p.is_file() and p.parent.name == "d"]
-  target = max(data_files, key=lambda p: p.stat().st_size)
-  data = bytearray(target.read_bytes())
-  middle = len(data) // 2
-  data[middle:middle + count] = bytes(b ^ 0xFF for b in data[middle:middle + count])
-  target.write_bytes(bytes(data))
-
-
 def _param_norm(state):
   return float(np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64)))
                            for x in jax.tree.leaves(state["params"]))))
@@ -152,7 +142,7 @@ def test_damaged_latest_checkpoint_is_named_and_the_run_resumes_from_the_previou
   trainer.train(_config(tone_folder, total_steps=STEPS), workdir, stop_after=30,
                 progress=False)
   assert sorted(checkpointing.make_manager(workdir, read_only=True).all_steps()) == [25, 30]
-  _flip_bytes(workdir / "checkpoints" / "30")
+  flip_bytes(workdir / "checkpoints" / "30")
   capsys.readouterr()
   assert cli.main(_cmd(tone_folder, workdir)[3:]) == 0
   captured = capsys.readouterr()
