@@ -40,7 +40,7 @@ CURVES = (("loss", "training loss"), ("learning_rate", "learning rate"),
 # The online kNN monitor's labelled set: this task's train and valid clips (never its test
 # clips), embedded with the teacher every MONITOR_EVERY steps.
 MONITOR_TASK = "pitch"
-MONITOR_EVERY = 50
+MONITOR_EVERY = 100
 ABLATION_MARK = "<!-- ablation table: demo.write_report(..., ablations=[...]) -->"
 
 
