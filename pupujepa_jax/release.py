@@ -240,16 +240,17 @@ def import_release(weights, args_file, out=None, workdir=None,
             "predictor": cfg.predictor.to_dict()}
   text = args_file.read_text()
   if workdir is not None:
-    if workdir_lib.holds_run(workdir):
-      raise ReleaseError(f"{workdir} already holds a run; import into a new workdir")
-    params, teacher = release_names.training_from_release(
-        {k: v for k, v in tensors.items() if k.split(".")[0] in groups},
-        config_lib.architecture(cfg), config_lib.predictor_size(cfg))
-    state = {"step": np.int32(0), "params": params, "teacher": teacher,
-             "opt_state": optim.make_optimizer(cfg).init(params)}
-    checkpointing.save_state(workdir, 0, state)
-    workdir_lib.write_run_files(cfg, workdir, imported_from=str(weights.absolute()),
-                                args_sha256=export.config_hash(text))
+    with workdir_lib.exclusive(workdir):  # No trainer may start on it mid-import.
+      if workdir_lib.holds_run(workdir):
+        raise ReleaseError(f"{workdir} already holds a run; import into a new workdir")
+      params, teacher = release_names.training_from_release(
+          {k: v for k, v in tensors.items() if k.split(".")[0] in groups},
+          config_lib.architecture(cfg), config_lib.predictor_size(cfg))
+      state = {"step": np.int32(0), "params": params, "teacher": teacher,
+               "opt_state": optim.make_optimizer(cfg).init(params)}
+      checkpointing.save_state(workdir, 0, state)
+      workdir_lib.write_run_files(cfg, workdir, imported_from=str(weights.absolute()),
+                                  args_sha256=export.config_hash(text))
     result["workdir"] = str(workdir)
   if out is not None:
     encoder = release_names.model_dir_from_release(tensors, config_lib.architecture(cfg))

@@ -209,3 +209,13 @@ def test_release_export_refuses_what_the_release_cannot_build(tmp_path):
   cfg.model.qk_norm = True
   with pytest.raises(release.ReleaseError, match=r"model.qk_norm=True"):
     release._check_exportable(cfg)
+
+
+def test_import_into_a_workdir_in_use_is_refused(imported, tmp_path):
+  """A trainer holding the workdir's lock: the import is refused and writes nothing."""
+  _, _, weights, args, _ = imported
+  busy = tmp_path / "busy"
+  with workdir_lib.exclusive(busy):
+    with pytest.raises(workdir_lib.WorkdirBusyError, match="in use"):
+      release.import_release(weights, args, workdir=busy)
+  assert sorted(p.name for p in busy.iterdir()) == [workdir_lib.LOCK_FILE]
