@@ -100,8 +100,10 @@ def cmd_data_baselines(args, extra):
 
 
 def cmd_data_build(args, extra):
+  import contextlib
   from data_pipelines import builders
-  builder = builders.build(args.dataset, args.manual_dir, args.out)
+  with contextlib.redirect_stdout(sys.stderr):  # TFDS's progress; stdout is the JSON alone
+    builder = builders.build(args.dataset, args.manual_dir, args.out)
   summary = {"dataset": args.dataset, "data_dir": str(builder.data_dir),
              "splits": {k: v.num_examples for k, v in builder.info.splits.items()}}
   if args.labels_csv:

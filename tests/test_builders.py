@@ -269,3 +269,14 @@ def test_giantsteps_single_folder_layout_and_hidden_files(tmp_path):
   (tmp_path / "annotations" / "key" / "3.LOFI.key").unlink()
   with pytest.raises(FileNotFoundError, match="3.LOFI.key"):
     giantsteps_key.MarbleGiantstepsKey.list_examples(tmp_path)
+
+
+def test_cli_data_build_prints_only_its_json(tmp_path, capsys):
+  """TFDS's own progress goes to stderr: stdout parses as the summary."""
+  import json
+  from pupujepa_jax import cli
+  marble.write_gtzan(tmp_path / "gtzan")
+  assert cli.main(["data", "build", "--dataset", "gtzan", "--manual_dir",
+                   str(tmp_path / "gtzan"), "--out", str(tmp_path / "tfds")]) == 0
+  summary = json.loads(capsys.readouterr().out)
+  assert summary["dataset"] == "gtzan" and sum(summary["splits"].values()) > 0
