@@ -42,6 +42,8 @@ CURVES = (("loss", "training loss"), ("learning_rate", "learning rate"),
 MONITOR_TASK = "pitch"
 MONITOR_EVERY = 100
 ABLATION_MARK = "<!-- ablation table: demo.write_report(..., ablations=[...]) -->"
+# The recipe runs behind experiments/cpu_demo.py's defaults (`ablation_run` rows).
+ABLATIONS_FILE = pathlib.Path(__file__).parents[1] / "experiments" / "cpu_demo_ablations.json"
 
 
 def _log(message: str) -> None:
@@ -351,7 +353,8 @@ def ablation_run(out_dir, name: str, change: str) -> dict:
   """An ablation table row from a finished demo run's probe_results.json: the pretrained
   model's per-task results (the format of `probe_all`'s results["models"][name])."""
   results = json.loads((pathlib.Path(out_dir) / "probe_results.json").read_text())
-  return {"name": name, "change": change, "scores": results["models"]["pretrained"]}
+  return {"name": name, "change": change, "scores": results["models"]["pretrained"],
+          "verdicts": verdict_counts(results)}
 
 
 def ablation_table(runs: list[dict], protocol: str = "linear", layer: str = "final") -> str:
@@ -359,17 +362,36 @@ def ablation_table(runs: list[dict], protocol: str = "linear", layer: str = "fin
 
   Args:
     runs: dicts {"name", "change" (what differs from the reference run), "scores":
-      {task: {protocol: {layer kind: entry}}}}, an entry as in `probe_all`'s results
-      (at least "mean", "std", "ci", "layer_name"); see `ablation_run`.
+      {task: {protocol: {layer kind: entry}}}, optionally "verdicts" (`verdict_counts`)},
+      an entry as in `probe_all`'s results (at least "mean", "std", "ci", "layer_name");
+      see `ablation_run`.
     protocol, layer: which probe ("linear" | "mlp") and layer kind ("final" | "best").
   """
   tasks = sorted({t for run in runs for t in run["scores"]})
-  lines = [f"| run | change | " + " | ".join(tasks) + " |", "|---|---|" + "---|" * len(tasks)]
+  lines = [f"| run | change | " + " | ".join(tasks) + " | beats random-init / best baseline |",
+           "|---|---|" + "---|" * (len(tasks) + 1)]
   for run in runs:
     cells = [_cell(run["scores"][t][protocol][layer], layer=layer == "best")
              if t in run["scores"] else "-" for t in tasks]
-    lines.append(f"| {run['name']} | {run['change']} | " + " | ".join(cells) + " |")
+    counts = run.get("verdicts", {}).get(f"{protocol}/{layer}")
+    wins = "-" if not counts else " / ".join(
+        f"{counts[other]['a']}/{sum(counts[other].values())}"
+        for other in ("random_init", "best_baseline"))
+    lines.append(f"| {run['name']} | {run['change']} | " + " | ".join(cells) + f" | {wins} |")
   return "\n".join(lines)
+
+
+def read_ablations(path) -> list[dict]:
+  """Ablation rows saved by earlier demo runs (a JSON list of `ablation_run` dicts)."""
+  path = pathlib.Path(path)
+  try:
+    runs = json.loads(path.read_text())
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{path}: cannot read the ablation runs ({e})") from e
+  if not isinstance(runs, list) or not all(
+      isinstance(r, dict) and {"name", "change", "scores"} <= set(r) for r in runs):
+    raise ValueError(f"{path}: expected a list of runs with name, change and scores")
+  return runs
 
 
 def draw_pictures(out: pathlib.Path, cfg, model_dirs: dict, results: dict,
@@ -459,9 +481,12 @@ def write_report(out: pathlib.Path, results: dict, timings: dict, pictures: dict
 
   ablation_text = "No ablation runs were passed to this report."
   if ablations:
-    ablation_text = "\n\n".join(
-        f"{protocol} probe, final layer:\n\n{ablation_table(ablations, protocol, 'final')}"
-        for protocol in PROTOCOLS)
+    ablation_text = (
+        "Pretraining recipes measured on the same data and test clips (earlier demo runs, "
+        f"`{ABLATIONS_FILE.name}`; not rerun by this one). Last column: tasks where the "
+        "pretrained model wins the paired bootstrap.\n\n" + "\n\n".join(
+            f"{protocol} probe, final layer:\n\n"
+            f"{ablation_table(ablations, protocol, 'final')}" for protocol in PROTOCOLS))
   lines = [
       "# PupuJEPA CPU demo report", "",
       "Pretrained on the offline corpus rendered from music21 scores, then probed on the",
@@ -560,8 +585,12 @@ def main(argv=None) -> int:
   parser.add_argument("--hours", type=float, default=2.0)
   parser.add_argument("--config_arg", default="", help="argument for experiments/cpu_demo.py")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--ablations", default=str(ABLATIONS_FILE),
+                      help="JSON list of earlier runs (`ablation_run`) for the report's "
+                           "ablation table; '' for none")
   args = parser.parse_args(argv)
-  run(args.out, args.hours, args.config_arg, args.seed)
+  ablations = read_ablations(args.ablations) if args.ablations else None
+  run(args.out, args.hours, args.config_arg, args.seed, ablations=ablations)
   return 0
 
 

@@ -116,10 +116,19 @@ def _assert_report(out, results):
                scores={"chord": results["models"]["random_init"]["chord"]})]
   table = demo.ablation_table(runs, "mlp", "best")
   lines = table.splitlines()
-  assert lines[0] == "| run | change | chord | instruments | tempo |"
+  assert lines[0] == ("| run | change | chord | instruments | tempo | "
+                      "beats random-init / best baseline |")
   best = results["models"]["random_init"]["chord"]["mlp"]["best"]
+  wins = counts["mlp/best"]
   assert lines[3] == (f"| no curriculum | mask curriculum off | "
-                      f"{evaluation.format_score(best)} ({best['layer_name']}) | - | - |")
+                      f"{evaluation.format_score(best)} ({best['layer_name']}) | - | - | "
+                      f"{wins['random_init']['a']}/3 / {wins['best_baseline']['a']}/3 |")
+  saved = out / "ablations.json"
+  saved.write_text(json.dumps(runs))
+  assert demo.read_ablations(saved) == json.loads(json.dumps(runs))
+  saved.write_text(json.dumps([{"name": "x"}]))
+  with pytest.raises(ValueError, match="ablations.json: expected a list of runs"):
+    demo.read_ablations(saved)
   text = demo.write_report(out, results, {"probes": 1.0}, {
       "probe_scores": "p.png", "curves": "c.png", "masks": "m.png", "attention": "a.png"},
       {}, {}, ablations=runs)
