@@ -394,6 +394,39 @@ def read_ablations(path) -> list[dict]:
   return runs
 
 
+def curve_points(records: list[dict], key: str) -> list[tuple]:
+  """(step, value) of the metrics records that hold `key`, in step order."""
+  return sorted((r["step"], r[key]) for r in records if key in r)
+
+
+def draw_curves(out: pathlib.Path) -> str:
+  """curves.png: the training curves of CURVES from the run's metrics.jsonl. A metric
+  logged only on some steps (the kNN monitor) is drawn through its own points."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  from pupujepa_jax import metrics
+  records = metrics.read_jsonl(out / "pretrain" / "metrics.jsonl")
+  fig, axes = plt.subplots(2, 3, figsize=(14, 7))
+  for ax, (keys, title) in zip(axes.flat, CURVES):
+    for key in (keys,) if isinstance(keys, str) else keys:
+      points = curve_points(records, key)
+      if points:
+        steps, values = zip(*points)
+        ax.plot(steps, values, marker="o" if len(points) < 50 else None, label=key)
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    if not isinstance(keys, str):
+      ax.legend(fontsize=8)
+  for ax in axes.flat[len(CURVES):]:
+    ax.axis("off")
+  fig.tight_layout()
+  fig.savefig(out / "curves.png", dpi=90)
+  plt.close(fig)
+  return "curves.png"
+
+
 def draw_pictures(out: pathlib.Path, cfg, model_dirs: dict, results: dict,
                   tasks: list[str]) -> dict:
   import functools
@@ -405,25 +438,8 @@ def draw_pictures(out: pathlib.Path, cfg, model_dirs: dict, results: dict,
 
   from data_pipelines import audio
   from pupujepa_jax import config as config_lib
-  from pupujepa_jax import inference, masking, metrics, viz
-  pictures = {}
-  records = metrics.read_jsonl(out / "pretrain" / "metrics.jsonl")
-  steps = [r["step"] for r in records]
-  fig, axes = plt.subplots(2, 3, figsize=(14, 7))
-  for ax, (keys, title) in zip(axes.flat, CURVES):
-    for key in (keys,) if isinstance(keys, str) else keys:
-      if any(key in r for r in records):
-        ax.plot(steps, [r.get(key, np.nan) for r in records], label=key)
-    ax.set_title(title)
-    ax.set_xlabel("step")
-    if not isinstance(keys, str):
-      ax.legend(fontsize=8)
-  for ax in axes.flat[len(CURVES):]:
-    ax.axis("off")
-  fig.tight_layout()
-  fig.savefig(out / "curves.png", dpi=90)
-  plt.close(fig)
-  pictures["curves"] = "curves.png"
+  from pupujepa_jax import inference, masking, viz
+  pictures = {"curves": draw_curves(out)}
 
   names = list(MODELS) + sorted(n for n in results["models"] if n.startswith(BASELINE_PREFIX))
   fig, axes = plt.subplots(1, len(results["tasks"]), figsize=(3.2 * len(results["tasks"]), 4),

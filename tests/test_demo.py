@@ -195,3 +195,13 @@ def test_the_knn_monitor_sees_train_and_valid_clips_never_test(tmp_path):
   cfg = config_lib.load_config(f"experiments/cpu_demo.py:data=x,monitor={csv},monitor_every=7")
   assert (cfg.monitor.labels, cfg.monitor.every) == (str(csv), 7)
   assert config_lib.load_config("experiments/cpu_demo.py:data=x").monitor.every == 0
+
+
+def test_a_metric_logged_on_some_steps_is_drawn_through_its_own_points():
+  """The kNN monitor logs every N steps: its curve joins those points (NaN gaps between
+  them would draw nothing)."""
+  records = [{"step": s, "loss": 1.0 / (s + 1)} for s in range(5)]
+  records[1]["knn_accuracy"], records[4]["knn_accuracy"] = 0.2, 0.3
+  assert demo.curve_points(records, "knn_accuracy") == [(1, 0.2), (4, 0.3)]
+  assert len(demo.curve_points(records, "loss")) == 5
+  assert demo.curve_points(records, "absent") == []
