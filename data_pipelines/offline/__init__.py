@@ -178,6 +178,33 @@ def _plan_jobs(out_dir: str, pieces: list, tasks: tuple[str, ...], examples: int
   return specs, jobs
 
 
+def _collect_rendered(out_dir: str, jobs: list, specs: dict, results: dict):
+  """What rendered: the corpus jobs, every file written (relative to `out_dir`) and each
+  task's summary; writes each task's labels.csv for its rendered clips."""
+  def ok(path):
+    return results.get(path, (None, None))[1] is None
+
+  corpus_jobs = [j for j in jobs if j[0] == "corpus" and ok(j[3])]
+  files = [os.path.relpath(j[3], out_dir) for j in corpus_jobs]
+  summary_tasks = {}
+  for t, task_specs in specs.items():
+    task_dir = os.path.join(out_dir, "tasks", t)
+    rows = [s for s in task_specs if ok(os.path.join(task_dir, s["name"]))]
+    files += [os.path.join("tasks", t, s["name"]) for s in rows]
+    summary_tasks[t] = _write_task_labels(task_dir, rows, TASK_INFO[t].clip_seconds)
+  return corpus_jobs, files, summary_tasks
+
+
+def _check_build_args(tasks: tuple[str, ...], hours: float) -> None:
+  unknown = [t for t in tasks if t not in TASK_INFO]
+  if unknown:
+    raise ValueError(f"unknown task(s) {unknown}; known: {TASKS}")
+  if hours < 0:
+    raise ValueError(f"hours must be >= 0, got {hours}")
+  for module in ("music21", "pretty_midi", "tinysoundfont", "soundfile"):
+    render.require(module)
+
+
 def _write_task_labels(task_dir: str, rows: list[dict], clip_seconds: float) -> dict:
   """Writes a task's labels.csv for its rendered clips; returns the task's summary."""
   labels.write_labels_csv([(s["name"], s["label"], s["split"]) for s in rows],
@@ -199,13 +226,7 @@ def build_offline(out_dir: str, hours: float = 2.0, seed: int = 0, num_workers: 
   """
   t0 = time.time()
   tasks = tuple(tasks)
-  unknown = [t for t in tasks if t not in TASK_INFO]
-  if unknown:
-    raise ValueError(f"unknown task(s) {unknown}; known: {TASKS}")
-  if hours < 0:
-    raise ValueError(f"hours must be >= 0, got {hours}")
-  for module in ("music21", "pretty_midi", "tinysoundfont", "soundfile"):
-    render.require(module)
+  _check_build_args(tasks, hours)
   examples = examples_per_task or default_examples(hours)
   args = dict(version=BUILD_VERSION, hours=float(hours), seed=int(seed), tasks=list(tasks),
               examples_per_task=int(examples))
@@ -236,17 +257,7 @@ def build_offline(out_dir: str, hours: float = 2.0, seed: int = 0, num_workers: 
       pool.close()
       pool.join()
 
-  def ok(job):
-    return results.get(job[3], (None, None))[1] is None
-
-  corpus_jobs = [j for j in jobs if j[0] == "corpus" and ok(j)]
-  files = [os.path.relpath(j[3], out_dir) for j in corpus_jobs]
-  summary_tasks = {}
-  for t in tasks:
-    task_dir = os.path.join(out_dir, "tasks", t)
-    rows = [s for s in specs[t] if ok(("task", s, None, os.path.join(task_dir, s["name"])))]
-    files += [os.path.join("tasks", t, s["name"]) for s in rows]
-    summary_tasks[t] = _write_task_labels(task_dir, rows, TASK_INFO[t].clip_seconds)
+  corpus_jobs, files, summary_tasks = _collect_rendered(out_dir, jobs, specs, results)
   failed = [e for _, e in results.values() if e is not None]
   summary = dict(
       args=args, args_hash=digest, cached=False,
