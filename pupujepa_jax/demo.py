@@ -353,7 +353,12 @@ def ablation_run(out_dir, name: str, change: str) -> dict:
   """An ablation table row from a finished demo run's probe_results.json: the pretrained
   model's per-task results (the format of `probe_all`'s results["models"][name])."""
   results = json.loads((pathlib.Path(out_dir) / "probe_results.json").read_text())
-  return {"name": name, "change": change, "scores": results["models"]["pretrained"],
+  table_fields = ("mean", "std", "ci", "layer_name")  # what `ablation_table` shows
+  scores = {task: {protocol: {kind: {k: entry[k] for k in table_fields}
+                              for kind, entry in by_kind.items()}
+                   for protocol, by_kind in by_protocol.items()}
+            for task, by_protocol in results["models"]["pretrained"].items()}
+  return {"name": name, "change": change, "scores": scores,
           "verdicts": verdict_counts(results)}
 
 

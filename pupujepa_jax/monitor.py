@@ -64,8 +64,9 @@ class KnnMonitor:
     self.is_train = np.array([r.split == "train" for r in rows])
     self.num_classes = len(classes)
     arch, fe = spec.architecture, spec.frontend
-    self._embed = jax.jit(lambda params, waves: models.encode(
-        arch, params, frontend.log_mel_jnp(waves, fe), runtime).mean(axis=1))
+    from pupujepa_jax import inference  # the released embedding's readout, one definition
+    self._embed = jax.jit(lambda params, waves: inference.readout(models.encode(
+        arch, params, frontend.log_mel_jnp(waves, fe), runtime), spec.grid, "mean"))
 
   def features(self, encoder_params) -> np.ndarray:
     """[clips, D] released-embedding features of the set, in fixed-size batches."""
