@@ -21,6 +21,7 @@ score under each protocol. The test split is only ever scored.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import pathlib
 import sys
@@ -50,17 +51,16 @@ def _log(message: str) -> None:
   print(f"[demo {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
+@contextlib.contextmanager
 def _stage(name, timings):
-  class _Timer:
-    def __enter__(self):
-      _log(f"{name} ...")
-      self.start = time.time()
-
-    def __exit__(self, *exc):
-      timings[name] = time.time() - self.start
-      if exc[0] is None:
-        _log(f"{name}: done in {timings[name]:.0f} s")
-  return _Timer()
+  """Logs a stage and records its seconds in `timings` (also when it fails)."""
+  _log(f"{name} ...")
+  start = time.time()
+  try:
+    yield
+  finally:
+    timings[name] = time.time() - start
+  _log(f"{name}: done in {timings[name]:.0f} s")
 
 
 # --------------------------------------------------------------------------- stages
