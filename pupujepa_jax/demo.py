@@ -96,12 +96,17 @@ def pretrain(out: pathlib.Path, config_arg: str, monitor_csv: pathlib.Path | Non
   return cfg, trainer.train(cfg, out / "pretrain")
 
 
-def export_models(out: pathlib.Path, cfg) -> dict:
-  """Model dirs of the pretrained teacher and of a random-init encoder (same architecture)."""
+def export_models(out: pathlib.Path, cfg, step: int) -> dict:
+  """Model dirs of the pretrained teacher at `step` (exported unless already there) and
+  of a random-init encoder (same architecture)."""
   import jax
   from pupujepa_jax import export, models
   dirs = {name: out / "models" / name for name in MODELS}
-  export.export_workdir(out / "pretrain", dirs["pretrained"], model_id="demo-pretrained")
+  exported = dirs["pretrained"] / export.CONFIG_FILE
+  if not (exported.exists() and export.read_model_dir(dirs["pretrained"]).meta[
+      "provenance"]["step"] == step):
+    export.export_workdir(out / "pretrain", dirs["pretrained"], step=step,
+                          model_id="demo-pretrained")
   if not (dirs["random_init"] / export.CONFIG_FILE).exists():
     from pupujepa_jax import config as config_lib
     params = models.init_encoder(config_lib.architecture(cfg), cfg.frontend.n_mels,
@@ -579,9 +584,9 @@ def run(out, hours: float = 2.0, config_arg: str = "", seed: int = 0,
     data_summary = build_data(out, hours, seed, tasks, examples_per_task)
     clear_stale_features(out, data_summary["args_hash"])
   with _stage("pretraining", timings):
-    cfg, _ = pretrain(out, config_arg, monitor_labels(out, tasks))
+    cfg, trained = pretrain(out, config_arg, monitor_labels(out, tasks))
   with _stage("export", timings):
-    model_dirs = export_models(out, cfg)
+    model_dirs = export_models(out, cfg, trained.final_step)
   with _stage("embedding", timings):
     features = embed_tasks(out, model_dirs, tasks)
   with _stage("baseline features", timings):
