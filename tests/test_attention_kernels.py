@@ -31,10 +31,10 @@ def _value_and_grads(fn, q, k, v, cot):
 
 
 @pytest.mark.parametrize("n,block_q,block_k", [
-    (1638, attention.BLOCK_Q, attention.BLOCK_K),  # the teacher: one key block, padding
-    (410, attention.BLOCK_Q, attention.BLOCK_K),   # the student's context
-    (410, 64, 128),  # several key blocks: the online softmax rescales, padded keys
-    (37, 16, 8),
+    (1638, attention.BLOCK_Q, attention.BLOCK_K),  # the teacher: one key block, 4 x 416 queries
+    (410, attention.BLOCK_Q, attention.BLOCK_K),   # the student's context: one block each
+    (410, 64, 128),  # several key blocks: the online softmax rescales, padded keys (412)
+    (37, 16, 8),     # padded keys (40) and queries (48)
 ])
 def test_blockwise_matches_reference(n, block_q, block_k):
   q, k, v, cot = _qkv(n, n)
@@ -134,3 +134,16 @@ def test_blockwise_head_loop_matches_reference(heads_per_step):
   for a, b in zip(got, want):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b),
                                atol=2e-5 * float(jnp.abs(b).max()), rtol=0)
+
+
+def test_blockwise_tiles_are_balanced():
+  """Blocks are equal, cover the sequence with the fewest blocks, and pad by less than a
+  vector (queries) or not at all where the keys divide evenly."""
+  assert attention._tiles(2048, 2048, 512, 2048) == (512, 4, 2048, 1)
+  assert attention._tiles(1638, 1638, 512, 2048) == (416, 4, 1638, 1)  # not 4 x 512
+  assert attention._tiles(410, 410, 512, 2048) == (416, 1, 410, 1)
+  for n in range(1, 700, 7):
+    for most in (8, 64, 100, 512):
+      bq, nq, bk, nk = attention._tiles(n, n, most, most)
+      assert nq == -(-n // most) and bq % 8 == 0 and 0 <= bq * nq - n < 8 * nq
+      assert nk == -(-n // most) and 0 <= bk * nk - n < nk
