@@ -138,3 +138,21 @@ def test_one_optimizer_step_and_ema_update_match_release():
     group = name.split(".")[0]
     moved[group] = max(moved.get(group, 0.0), float(np.abs(want[name] - before[name]).max()))
   assert min(moved.values()) > 5 * ATOL, moved
+
+
+def test_packed_linear_is_one_linear_and_holds_unbiased_parts_at_zero():
+  """The per-slice matmuls of `PackedLinear` equal timm's one Linear (x W + b, split);
+  a part listed in `no_bias` (EVA's key bias) adds none and gets no bias gradient."""
+  from pupujepa_jax.models import transformer
+  x = jax.random.normal(jax.random.key(0), (2, 5, 8))
+  layer = transformer.PackedLinear(3, 4, no_bias=(1,))
+  params = layer.init(jax.random.key(1), x)["params"]
+  params = {**params, "bias": jax.random.normal(jax.random.key(2), (12,))}
+  kernel, bias = np.asarray(params["kernel"]), np.asarray(params["bias"])
+  assert kernel.shape == (8, 12) and bias.shape == (12,)
+  want = np.asarray(x) @ kernel + bias * np.repeat([1.0, 0.0, 1.0], 4)
+  got = layer.apply({"params": params}, x)
+  np.testing.assert_allclose(np.concatenate(got, -1), want, atol=1e-5)
+  grads = jax.grad(lambda p: sum(o.sum() for o in layer.apply({"params": p}, x)))(params)
+  np.testing.assert_array_equal(grads["bias"][4:8], 0.0)
+  assert np.all(np.asarray(grads["bias"][:4]) != 0) and np.all(grads["bias"][8:] != 0)
