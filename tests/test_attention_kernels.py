@@ -142,6 +142,9 @@ def test_blockwise_tiles_are_balanced():
   assert attention._tiles(2048, 2048, 512, 2048) == (512, 4, 2048, 1)
   assert attention._tiles(1638, 1638, 512, 2048) == (416, 4, 1638, 1)  # not 4 x 512
   assert attention._tiles(410, 410, 512, 2048) == (416, 1, 410, 1)
+  # The padded cases test_blockwise_matches_reference relies on to cover the padding mask:
+  assert attention._tiles(410, 410, 64, 128)[2:] == (103, 4)  # 412 keys
+  assert attention._tiles(37, 37, 16, 8) == (16, 3, 8, 5)     # 48 queries, 40 keys
   for n in range(1, 700, 7):
     for most in (8, 64, 100, 512):
       bq, nq, bk, nk = attention._tiles(n, n, most, most)

@@ -124,18 +124,23 @@ def _unblock(x, n: int):
   x = jnp.moveaxis(x, 0, 2)
   return x.reshape(x.shape[:2] + (-1,) + x.shape[4:])[:, :, :n]
 
+
+def _ceil_div(a: int, b: int) -> int:
+  return -(-a // b)
+
+
 def _tile(n: int, max_block: int, multiple: int) -> tuple[int, int]:
   """(block size, number of blocks): the fewest blocks of at most ~max_block that cover n,
   all of one size, rounded up to a multiple of `multiple`."""
-  count = -(-n // max_block)
-  block = -(-(-(-n // count)) // multiple) * multiple
-  return block, -(-n // block)
+  block = _ceil_div(_ceil_div(n, _ceil_div(n, max_block)), multiple) * multiple
+  return block, _ceil_div(n, block)
 
 
 def _tiles(n_q: int, n_k: int, block_q: int, block_k: int) -> tuple[int, int, int, int]:
   """(query block, query blocks, key block, key blocks); query blocks are multiples of 8
   (vector width), key blocks exact where possible (no padding mask)."""
   return (*_tile(n_q, block_q, 8), *_tile(n_k, block_k, 1))
+
 
 def _layout(q, k, v, block_q, block_k):
   """Head-major, scaled, blocked q/k/v and the key-padding bias of every key block (None
@@ -289,7 +294,7 @@ def splash_attention(q, k, v, interpret: bool = False):
       splash_attention_kernel as splash, splash_attention_mask as masks)
   b, n_q, h, d = q.shape
   n_k = k.shape[1]
-  length = -(-max(n_q, n_k) // SPLASH_BLOCK) * SPLASH_BLOCK
+  length = _ceil_div(max(n_q, n_k), SPLASH_BLOCK) * SPLASH_BLOCK
   mask = masks.MultiHeadMask([masks.FullMask((length, length)) for _ in range(h)])
   sizes = splash.BlockSizes(block_q=SPLASH_BLOCK, block_kv=SPLASH_BLOCK,
                             block_q_dkv=SPLASH_BLOCK, block_kv_dkv=SPLASH_BLOCK,
