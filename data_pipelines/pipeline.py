@@ -1,6 +1,7 @@
 """The pretraining input pipeline (Grain): audio records -> random raw-audio crops.
 
     source (TFDS ArrayRecord dataset, or an audio folder decoded on the fly)
+      -> in-memory cache of the last records read (`data.cache_mb` per worker)
       -> seeded shuffle, reshuffled every epoch, repeated forever (one global stream)
       -> this process's slice of every global batch (only those records are read)
       -> random crop of `samples_for_frames(crop_frames)` samples (short tracks looped or
@@ -11,7 +12,10 @@
 The log-mel front-end runs inside the jitted train step (`frontend.log_mel_jnp` on the
 device, `train_step.batch_spectrogram`), not here: the workers only slice arrays, so on
 a small CPU machine they do not compete with the step for the cores, and on GPUs/TPUs
-the front-end costs next to nothing.
+the front-end costs next to nothing. Reading a record still means decompressing and
+parsing a whole track (~10 ms for 30 s of audio) for a crop of a second or ten, so each
+worker keeps the records it read in a bounded cache (`RecordCache`): a corpus that fits
+is read once, not once per epoch, and the crop is converted to float32 after it is cut.
 
 Every random choice is seeded from (run seed, global stream position), so global batches
 are a pure function of (seed, step): the same with 0 or N workers and with 1 or N
@@ -27,6 +31,7 @@ into global jax.Arrays on the training mesh (`sharding.global_batch`).
 """
 from __future__ import annotations
 
+import collections
 import functools
 import pathlib
 
@@ -60,6 +65,49 @@ class AudioFolderSource:
     rel = self._files[index]
     wave = audio_lib.load_audio(self._root / rel, sample_rate=self._sample_rate)
     return {"audio": wave, "path": rel, "duration": wave.shape[0] / self._sample_rate}
+
+
+class RecordCache:
+  """A record source that keeps the records it returns, least recently used first out,
+  up to `max_bytes` of their arrays. Each worker process holds its own (a pickled
+  cache travels empty). Records come back read-only, shared between reads."""
+
+  def __init__(self, source, max_bytes: int):
+    self._source = source
+    self._max_bytes = max_bytes
+    self._records = collections.OrderedDict()
+    self._bytes = 0
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> dict:
+    record = self._records.get(index)
+    if record is not None:
+      self._records.move_to_end(index)
+      return record
+    record = self._source[index]
+    size = _record_bytes(record)
+    if size <= self._max_bytes:
+      for value in record.values():
+        if isinstance(value, np.ndarray):
+          value.flags.writeable = False
+      self._records[index] = record
+      self._bytes += size
+      while self._bytes > self._max_bytes:
+        self._bytes -= _record_bytes(self._records.popitem(last=False)[1])
+    return record
+
+  def __getstate__(self):
+    return {**self.__dict__, "_records": collections.OrderedDict(), "_bytes": 0}
+
+  @property
+  def cached_bytes(self) -> int:
+    return self._bytes
+
+
+def _record_bytes(record: dict) -> int:
+  return sum(value.nbytes for value in record.values() if isinstance(value, np.ndarray))
 
 
 def open_source(data_cfg, frontend_cfg: frontend_lib.FrontendConfig):
@@ -100,13 +148,14 @@ class CropAudio(grain.transforms.Map):
     self._with_metadata = with_metadata
 
   def _example(self, position: int, index: int, record) -> dict:
-    wave = dataset_format.pcm_to_float(record["audio"])
-    if wave.shape[0] == 0:
+    stored = np.asarray(record["audio"])
+    if stored.shape[0] == 0:
       raise ValueError(f"record {index} ({record.get('path')!r}) holds no audio")
     rng = np.random.default_rng(_derive_seed(self._seed, 1, position))
-    offset = draw_offset(wave.shape[0], self._crop_samples, self._short_policy, rng)
-    crop = audio_lib.take_crop(wave, offset, self._crop_samples, self._short_policy)
-    out = {"audio": np.asarray(crop, np.float32)}
+    offset = draw_offset(stored.shape[0], self._crop_samples, self._short_policy, rng)
+    # Cut first, convert the crop only: the track may be 30x longer than the crop.
+    crop = audio_lib.take_crop(stored, offset, self._crop_samples, self._short_policy)
+    out = {"audio": dataset_format.pcm_to_float(crop)}
     if self._with_metadata:
       out.update(record_index=np.int64(index), offset=np.int64(offset))
     return out
@@ -170,6 +219,8 @@ def make_pretrain_dataset(data_cfg, frontend_cfg: frontend_lib.FrontendConfig,
   if data_cfg.short_policy not in SHORT_POLICIES:
     raise ValueError(f"data.short_policy: {data_cfg.short_policy!r} not in {SHORT_POLICIES}")
   source = open_source(data_cfg, frontend_cfg)
+  if data_cfg.cache_mb:
+    source = RecordCache(source, int(data_cfg.cache_mb * 2 ** 20))
   local_batch = data_cfg.batch_size // process_count
   ds = grain.MapDataset.source(source).map_with_index(
       functools.partial(_with_record_index, len(source)))

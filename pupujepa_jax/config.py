@@ -55,7 +55,7 @@ SHORT_POLICIES = ("loop", "pad")
 # Fields that may change between a run and its resumption without changing its result.
 RESUMABLE_FIELDS = ("total_steps", "log_every", "checkpoint.every", "checkpoint.keep",
                     "checkpoint.keep_period", "data.num_workers", "data.prefetch_buffer",
-                    "data.path", "attention", "layer_loop", "monitor.every",
+                    "data.cache_mb", "data.path", "attention", "layer_loop", "monitor.every",
                     "monitor.labels")
 
 
@@ -90,6 +90,7 @@ def base_config(variant: str = "tiny") -> ml_collections.ConfigDict:
       num_workers=2,           # Grain worker processes per host (0 = in process)
       short_policy="loop",     # tracks shorter than a crop: "loop" or "pad"
       prefetch_buffer=2,
+      cache_mb=512,            # records kept in memory per worker, MiB (0 = none)
   ))
   mask = dataclasses.asdict(masking.MaskConfig())
   c.mask = _group({k: tuple(v) if isinstance(v, list) else v for k, v in mask.items()})
@@ -247,7 +248,8 @@ def validate(cfg, num_devices: int | None = None) -> None:
                "data.prefetch_buffer", "optim.lr"):
     _positive(name, _get(cfg, name))
   for name in ("optim.warmup_steps", "optim.min_lr", "optim.grad_clip", "checkpoint.keep",
-               "checkpoint.keep_period", "data.num_workers", "monitor.every"):
+               "checkpoint.keep_period", "data.num_workers", "data.cache_mb",
+               "monitor.every"):
     _positive(name, _get(cfg, name), allow_zero=True)
   o = cfg.optim
   if o.min_lr > o.lr:

@@ -1,5 +1,6 @@
 """Tests for data_pipelines.pipeline: the Grain pretraining pipeline."""
 import itertools
+import pickle
 
 import jax
 import numpy as np
@@ -200,6 +201,44 @@ def test_global_batches_on_the_fake_device_mesh(dataset_dir):
     assert len(crops.addressable_shards) == 8
     assert crops.addressable_shards[0].data.shape == (1, CROP_SAMPLES)
     np.testing.assert_array_equal(np.asarray(crops), expected["audio"])
+
+
+def test_record_cache_changes_no_batch(dataset_dir):
+  """Batches over three epochs are the same read through the cache or straight from disk."""
+  cached, uncached = (_take(pipeline.make_pretrain_iterator(
+      _data_cfg(dataset_dir, cache_mb=mb), FE, CROP_FRAMES, seed=5, process_index=0,
+      process_count=1), 9) for mb in (64, 0))
+  _assert_same_batches(cached, uncached)
+
+
+class _CountingSource:
+  def __init__(self, sizes):
+    self.sizes, self.reads = sizes, []
+
+  def __len__(self):
+    return len(self.sizes)
+
+  def __getitem__(self, index):
+    self.reads.append(index)
+    return {"audio": np.full(self.sizes[index], index, np.int16), "path": f"{index}.wav"}
+
+
+def test_record_cache_keeps_recent_records_within_its_bound():
+  source = _CountingSource([100, 100, 100, 500])  # int16: 200, 200, 200 and 1000 bytes
+  cache = pipeline.RecordCache(source, max_bytes=450)
+  for index in (0, 1, 0, 2, 1, 3, 0):
+    np.testing.assert_array_equal(cache[index]["audio"], index)
+    assert cache.cached_bytes <= 450
+  # Two records fit: 2 pushes out the least recently used (1, as 0 was read again), 1
+  # then pushes out 0; 3 is too big to keep and evicts nothing.
+  assert source.reads == [0, 1, 2, 1, 3, 0]
+  assert len(cache) == 4 and cache.cached_bytes == 400
+  with pytest.raises(ValueError, match="read-only"):
+    cache[0]["audio"][0] = 1  # records are shared between reads
+  worker_copy = pickle.loads(pickle.dumps(cache))  # what a Grain worker receives
+  assert worker_copy.cached_bytes == 0
+  np.testing.assert_array_equal(worker_copy[0]["audio"], 0)
+  assert worker_copy.cached_bytes == 200
 
 
 def test_folder_source_decodes_on_the_fly(tmp_path):
