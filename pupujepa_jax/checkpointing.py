@@ -17,10 +17,16 @@ matches and every value is finite. Without an explicit step it returns the newes
 that verifies and names, with reasons, the newer ones that did not (`Restored.rejected`,
 also logged as warnings); the trainer, the workdir's single writer, then moves those out
 of the way (`set_aside`) into `<workdir>/checkpoints_rejected/`.
+
+The pipeline's position (Grain's item `data`, one JSON file per process) is covered the
+same way: the record holds a digest of every process's file, so a damaged position is a
+damaged step rather than a resumed run that silently reads other batches.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import pathlib
 
@@ -28,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
 RECORD_ITEM = "verification"
@@ -154,7 +161,7 @@ def save(manager: ocp.CheckpointManager, step: int, state, data_args=None,
     raise NonFiniteStateError(f"refusing to write checkpoint step {step} under "
                               f"{manager.directory}: NaN or Inf in {_some(summary.non_finite)}")
   record = {"format": RECORD_FORMAT, "step": int(step), "digests": summary.digests,
-            "health": health}
+            "health": health, "data_digests": _data_digests(data_args)}
   items = {"state": ocp.args.StandardSave(state), RECORD_ITEM: ocp.args.JsonSave(record)}
   if data_args is not None:
     items["data"] = data_args
@@ -249,7 +256,55 @@ def _restore_verified(manager, step, abstract_state, shardings, data_args):
   if summary.non_finite:  # only a record forged to match NaN could get here
     raise CheckpointDamagedError(f"{where} is damaged: NaN or Inf in "
                                  f"{_some(summary.non_finite)}")
+  if "data" in args:
+    _check_data_position(where, step_dir / "data", record.get("data_digests"))
   return state, record.get("health")
+
+
+# ------------------------------------------------------------- the pipeline's position
+
+def _data_file(process_index: int, process_count: int) -> str:
+  """The file Grain's orbax handler writes for one process, holding
+  `json.dumps(iterator.get_state(), indent=4)`."""
+  return f"process_{process_index}-of-{process_count}.json"
+
+
+def _text_digest(text: str) -> str:
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _data_digests(data_args) -> list[str] | None:
+  """Every process's digest of the position it saves (`data_args`: Grain's
+  CheckpointSave), gathered because one process writes the record."""
+  if data_args is None:
+    return None
+  local = _text_digest(json.dumps(data_args.item.get_state(), indent=4))
+  if jax.process_count() == 1:
+    return [local]
+  words = multihost_utils.process_allgather(np.frombuffer(bytes.fromhex(local), np.uint32))
+  return [np.asarray(row, np.uint32).tobytes().hex() for row in words]
+
+
+def _check_data_position(where: str, data_dir: pathlib.Path, digests) -> None:
+  """CheckpointDamagedError unless every process's restored position file is the one
+  written (all processes decide together, so they fall back to the same step)."""
+  if digests is None:  # saved without a position, or before positions were recorded
+    return
+  index, count = jax.process_index(), jax.process_count()
+  try:
+    intact = (len(digests) == count
+              and _text_digest((data_dir / _data_file(index, count)).read_text())
+              == digests[index])
+  except OSError:
+    intact = False
+  flags = np.array([intact])
+  if count > 1:
+    flags = np.asarray(multihost_utils.process_allgather(flags)).reshape(-1)
+  damaged = [_data_file(i, count) for i in np.flatnonzero(~flags)]
+  if damaged:
+    raise CheckpointDamagedError(f"{where} is damaged: the data pipeline position "
+                                 f"(data/{_some(damaged)}) differs from what was written "
+                                 "(digest mismatch)")
 
 
 def _check_shapes(where: str, state_dir: pathlib.Path, abstract_state) -> None:

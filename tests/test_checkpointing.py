@@ -177,3 +177,36 @@ def test_export_restores_the_newest_step_that_verifies(tmp_path, capsys):
   restored = checkpointing.restore(manager, train_step.abstract_state(cfg),
                                    train_step.state_shardings(cfg, mesh))
   assert restored.step == 1 and list(restored.rejected) == [2]
+
+
+def test_a_damaged_data_pipeline_position_is_a_damaged_step(tmp_path):
+  """The iterator position saved with a step is verified like the arrays: a position
+  file that still parses but was changed rejects its step, and the older one resumes
+  exactly where it was saved."""
+  import grain
+  from data_pipelines import pipeline
+
+  def iterator():
+    return iter(grain.MapDataset.range(1000).shuffle(seed=0).batch(4).to_iter_dataset())
+
+  manager = checkpointing.make_manager(tmp_path, keep=3, async_save=False)
+  it = iterator()
+  following = {}
+  for step in (1, 2):
+    next(it)
+    checkpointing.save(manager, step, _state(step), pipeline.checkpoint_args_save(it))
+    manager.wait_until_finished()
+    following[step] = next(it)
+  position = tmp_path / "checkpoints" / "2" / "data" / "process_0-of-1.json"
+  state = json.loads(position.read_text())
+  counter = next(k for k, v in state.items() if isinstance(v, int) and v > 0)
+  state[counter] += 1  # still valid JSON, another position
+  position.write_text(json.dumps(state, indent=4))
+
+  resumed = iterator()
+  restored = checkpointing.restore(manager, _abstract(_state()), _on_one_device(_state()),
+                                   data_args=pipeline.checkpoint_args_restore(resumed))
+  assert restored.step == 1 and list(restored.rejected) == [2]
+  assert ("the data pipeline position (data/process_0-of-1.json) differs from what was "
+          "written") in restored.rejected[2]
+  np.testing.assert_array_equal(next(resumed), following[1])
