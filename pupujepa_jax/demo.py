@@ -122,8 +122,7 @@ def embed_tasks(out: pathlib.Path, model_dirs: dict, tasks: list[str]) -> dict:
   from pupujepa_jax import export, inference
   features = {}
   for name, model_dir in model_dirs.items():
-    model_dir_meta = export.read_model_dir(model_dir)
-    step = model_dir_meta.meta["provenance"]["step"]
+    step = export.read_meta(pathlib.Path(model_dir))[0]["provenance"]["step"]
     model = None
     for task in tasks:
       feat_dir = out / "features" / name / task
