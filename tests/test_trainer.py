@@ -304,3 +304,24 @@ def test_two_processes_over_gloo_match_one_process(tone_folder, tmp_path):
                              rtol=1e-5)
   info = json.loads((tmp_path / "two" / "run_info.json").read_text())
   assert info["process_count"] == 2 and info["device_count"] == 4
+
+  # Process 1's saved data position changed (still valid JSON): both processes reject the
+  # step together, though process 0's own file is intact, and stop with the culprit named
+  # (the only checkpoint is gone, so neither may resume or hang waiting for the other).
+  position = tmp_path / "two" / "checkpoints" / "3" / "data" / "process_1-of-2.json"
+  state = json.loads(position.read_text())
+  counter = next(k for k, v in state.items() if isinstance(v, int) and v > 0)
+  state[counter] += 1
+  position.write_text(json.dumps(state, indent=4))
+  port = _free_port()
+  procs = [subprocess.Popen(base[:-3] + ["--config.total_steps=4", *steps[1:],
+                                         "--workdir", str(tmp_path / "two"),
+                                         "--coordinator", f"127.0.0.1:{port}",
+                                         "--num_processes", "2", "--process_id", str(i)],
+                            env=env2, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True) for i in range(2)]
+  outputs = [p.communicate(timeout=400) for p in procs]
+  for p, (_, err) in zip(procs, outputs):
+    assert p.returncode != 0
+    assert ("the data pipeline position (data/process_1-of-2.json) differs from what was "
+            "written") in err, err[-3000:]
