@@ -229,8 +229,11 @@ def main():
                                                              torch_r["peak_rss_gb"], 3)},
                      indent=2))
     return
-  result = run_jax(cfg, args.steps, args.inputs) if args.side == "jax" else run_torch(
-      cfg, args.steps)
+  if args.side == "jax":
+    with xla_flags.single_threaded_host_blas():  # as the trainer runs the step
+      result = run_jax(cfg, args.steps, args.inputs)
+  else:
+    result = run_torch(cfg, args.steps)
   print(json.dumps(with_flops(result, cfg), indent=2))
 
 

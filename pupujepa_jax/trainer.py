@@ -45,6 +45,7 @@ import numpy as np
 from pupujepa_jax import checkpointing, metrics as metrics_lib, sharding, train_step
 from pupujepa_jax import config as config_lib
 from pupujepa_jax import workdir as workdir_lib
+from pupujepa_jax import xla_flags
 
 # How far the loss and the parameter norm may grow between good checkpoints.
 DIVERGENCE_FACTOR = 10.0
@@ -126,6 +127,7 @@ def train(cfg, workdir, *, stop_after: int | None = None, progress: bool = True,
   workdir = pathlib.Path(workdir)
   workdir_lib.check_config(cfg, workdir, allow_config_change)  # refuses before any write
   with workdir_lib.exclusive(workdir), contextlib.ExitStack() as cleanup:
+    cleanup.enter_context(xla_flags.single_threaded_host_blas())
     return _train(cfg, workdir, stop_after, progress, cleanup)
 
 

@@ -6,8 +6,12 @@ reduce-scatters with compute, pipelined collectives and while-loop double buffer
 prefetch the next scanned block's parameters, combine thresholds batch many small
 collectives into few, and the collectives get the highest-priority stream.
 
-CPU: none; the flags tried on the released tiny's step (fast math, oneDNN, XNNPACK) are
-measured in benchmarks/train_step.py and did not pay off (see the README).
+CPU: no XLA flag; the flags tried on the released tiny's step (fast math, oneDNN,
+XNNPACK) are measured in benchmarks/train_step.py and did not pay off (see the README).
+What does pay on CPUs is `single_threaded_host_blas()` around training: XLA's own thread
+pool fills the cores, and the host BLAS (OpenBLAS, behind jaxlib's LAPACK kernels) keeps
+its threads spinning after each call, so one small `eigvalsh` per step (the RankMe
+monitor) took cores from XLA: the demo's step ran 12-16% slower.
 
 `apply()` adds each flag to XLA_FLAGS unless the user already set that flag (theirs
 wins). It must run before JAX initialises a backend: the `pupujepa` command calls it
@@ -15,6 +19,7 @@ first thing; library users call it before their first JAX computation.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 GPU_FLAGS = {
@@ -45,3 +50,14 @@ def apply() -> str:
   """
   os.environ["XLA_FLAGS"] = merged(os.environ.get("XLA_FLAGS", ""), {**GPU_FLAGS, **CPU_FLAGS})
   return os.environ["XLA_FLAGS"]
+
+
+def single_threaded_host_blas():
+  """A context in which the host BLAS/LAPACK libraries run one thread each, when JAX runs
+  on CPUs (a no-op elsewhere, where the host BLAS is not on the step's path)."""
+  import jax
+  if jax.default_backend() != "cpu":
+    return contextlib.nullcontext()
+  import scipy.linalg.cython_lapack  # noqa: F401  (jaxlib's LAPACK; loaded, so limited)
+  import threadpoolctl
+  return threadpoolctl.threadpool_limits(1, user_api="blas")

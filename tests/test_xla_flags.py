@@ -3,6 +3,8 @@ import os
 import subprocess
 import sys
 
+import jax
+
 from pupujepa_jax import xla_flags
 
 
@@ -25,3 +27,19 @@ def test_the_installed_xla_accepts_every_flag_we_set():
   assert out.stdout.startswith("3 ")
   for name in xla_flags.GPU_FLAGS:
     assert f"--{name}=" in out.stdout
+
+
+def test_host_blas_runs_one_thread_inside_the_context_only():
+  import threadpoolctl
+  from jax import numpy as jnp
+  jax.jit(jnp.linalg.eigvalsh)(jnp.eye(3)).block_until_ready()  # jaxlib's LAPACK loaded
+
+  def blas_threads():
+    return {i["filepath"]: i["num_threads"] for i in threadpoolctl.threadpool_info()
+            if i["user_api"] == "blas"}
+
+  before = blas_threads()
+  with xla_flags.single_threaded_host_blas():
+    inside = blas_threads()
+  assert inside and set(inside.values()) == {1}
+  assert blas_threads() == before
