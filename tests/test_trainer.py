@@ -276,6 +276,17 @@ def _free_port():
     return s.getsockname()[1]
 
 
+def _two_processes(command, env):
+  """[(returncode, stderr)] of `command` run as process 0 and 1 of a gloo job."""
+  port = _free_port()
+  procs = [subprocess.Popen(command + ["--coordinator", f"127.0.0.1:{port}",
+                                       "--num_processes", "2", "--process_id", str(i)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True) for i in range(2)]
+  errors = [p.communicate(timeout=400)[1] for p in procs]  # waits for both
+  return [(p.returncode, err) for p, err in zip(procs, errors)]
+
+
 @pytest.mark.slow
 def test_two_processes_over_gloo_match_one_process(tone_folder, tmp_path):
   steps = ["--config.total_steps=3", "--config.optim.warmup_steps=1",
@@ -289,15 +300,8 @@ def test_two_processes_over_gloo_match_one_process(tone_folder, tmp_path):
   assert single.returncode == 0, single.stderr[-3000:]
   env2 = dict(os.environ, JAX_NUM_CPU_DEVICES="2",
               XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  port = _free_port()
-  procs = [subprocess.Popen(base + ["--workdir", str(tmp_path / "two"),
-                                    "--coordinator", f"127.0.0.1:{port}",
-                                    "--num_processes", "2", "--process_id", str(i)],
-                            env=env2, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True) for i in range(2)]
-  outputs = [p.communicate(timeout=400) for p in procs]
-  for p, (_, err) in zip(procs, outputs):
-    assert p.returncode == 0, err[-3000:]
+  for returncode, err in _two_processes(base + ["--workdir", str(tmp_path / "two")], env2):
+    assert returncode == 0, err[-3000:]
   one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
   assert sorted(one) == [0, 1, 2]
   np.testing.assert_allclose([two[s] for s in sorted(one)], [one[s] for s in sorted(one)],
@@ -313,15 +317,9 @@ def test_two_processes_over_gloo_match_one_process(tone_folder, tmp_path):
   counter = next(k for k, v in state.items() if isinstance(v, int) and v > 0)
   state[counter] += 1
   position.write_text(json.dumps(state, indent=4))
-  port = _free_port()
-  procs = [subprocess.Popen(base[:-3] + ["--config.total_steps=4", *steps[1:],
-                                         "--workdir", str(tmp_path / "two"),
-                                         "--coordinator", f"127.0.0.1:{port}",
-                                         "--num_processes", "2", "--process_id", str(i)],
-                            env=env2, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True) for i in range(2)]
-  outputs = [p.communicate(timeout=400) for p in procs]
-  for p, (_, err) in zip(procs, outputs):
-    assert p.returncode != 0
+  resume = base[:-3] + ["--config.total_steps=4", *steps[1:],
+                        "--workdir", str(tmp_path / "two")]
+  for returncode, err in _two_processes(resume, env2):
+    assert returncode != 0
     assert ("the data pipeline position (data/process_1-of-2.json) differs from what was "
             "written") in err, err[-3000:]
