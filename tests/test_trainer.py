@@ -1,6 +1,7 @@
 """The trainer: run files, one trainer per workdir, exact resume after SIGKILL, SIGTERM,
 damaged checkpoints, divergence and the last good checkpoint, resharding, config mismatch
 and failed config changes, multi-process over gloo."""
+import contextlib
 import json
 import os
 import pathlib
@@ -8,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -277,20 +279,38 @@ def _free_port():
 
 
 def _two_processes(command, env):
-  """[(returncode, stderr)] of `command` run as process 0 and 1 of a gloo job."""
+  """[(returncode, stdout, stderr)] of `command` run as process 0 and 1 of a gloo job.
+
+  Output goes to files, not pipes: a process whose unread pipe fills up (a damaged
+  checkpoint's errors run long) would block, and its peer would wait for it forever.
+  """
   port = _free_port()
-  procs = [subprocess.Popen(command + ["--coordinator", f"127.0.0.1:{port}",
-                                       "--num_processes", "2", "--process_id", str(i)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True) for i in range(2)]
-  errors = [p.communicate(timeout=400)[1] for p in procs]  # waits for both
-  return [(p.returncode, err) for p, err in zip(procs, errors)]
+  with contextlib.ExitStack() as files:
+    streams = [[files.enter_context(tempfile.TemporaryFile("w+")) for _ in range(2)]
+               for _ in range(2)]
+    procs = [subprocess.Popen(command + ["--coordinator", f"127.0.0.1:{port}",
+                                         "--num_processes", "2", "--process_id", str(i)],
+                              env=env, stdout=out, stderr=err, text=True)
+             for i, (out, err) in enumerate(streams)]
+    try:
+      for p in procs:
+        p.wait(timeout=400)
+    finally:  # a timed-out job leaves no process behind
+      for p in procs:
+        if p.poll() is None:
+          p.kill()
+    results = []
+    for p, (out, err) in zip(procs, streams):
+      out.seek(0), err.seek(0)
+      results.append((p.returncode, out.read(), err.read()))
+  return results
 
 
 @pytest.mark.slow
-def test_two_processes_over_gloo_match_one_process(tone_folder, tmp_path):
-  steps = ["--config.total_steps=3", "--config.optim.warmup_steps=1",
-           "--config.checkpoint.every=3"]
+def test_two_processes_over_gloo_match_one_process_and_fall_back_together(tone_folder,
+                                                                          tmp_path):
+  steps = ["--config.total_steps=6", "--config.optim.warmup_steps=1",
+           "--config.checkpoint.every=2", "--config.checkpoint.keep=3"]
   base = [sys.executable, "-m", "pupujepa_jax.cli", "train", "--config",
           f"experiments/pupujepa.py:smoke,folder={tone_folder}", "--no_progress", *steps]
   env1 = dict(os.environ, JAX_NUM_CPU_DEVICES="4",
@@ -298,28 +318,41 @@ def test_two_processes_over_gloo_match_one_process(tone_folder, tmp_path):
   single = subprocess.run(base + ["--workdir", str(tmp_path / "one")], env=env1,
                           capture_output=True, text=True, timeout=400)
   assert single.returncode == 0, single.stderr[-3000:]
+  one = _losses(tmp_path / "one")
+  assert sorted(one) == list(range(6))
   env2 = dict(os.environ, JAX_NUM_CPU_DEVICES="2",
               XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  for returncode, err in _two_processes(base + ["--workdir", str(tmp_path / "two")], env2):
+  two = tmp_path / "two"
+  for returncode, _, err in _two_processes(base + ["--workdir", str(two), "--stop_after=5"],
+                                           env2):
     assert returncode == 0, err[-3000:]
-  one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
-  assert sorted(one) == [0, 1, 2]
-  np.testing.assert_allclose([two[s] for s in sorted(one)], [one[s] for s in sorted(one)],
+  np.testing.assert_allclose([_losses(two)[s] for s in range(5)], [one[s] for s in range(5)],
                              rtol=1e-5)
-  info = json.loads((tmp_path / "two" / "run_info.json").read_text())
+  info = json.loads((two / "run_info.json").read_text())
   assert info["process_count"] == 2 and info["device_count"] == 4
+  assert sorted(int(p.name) for p in (two / "checkpoints").iterdir()) == [2, 4, 5]
 
-  # Process 1's saved data position changed (still valid JSON): both processes reject the
-  # step together, though process 0's own file is intact, and stop with the culprit named
-  # (the only checkpoint is gone, so neither may resume or hang waiting for the other).
-  position = tmp_path / "two" / "checkpoints" / "3" / "data" / "process_1-of-2.json"
+  # Two newer steps damaged on process 1's side only: step 5's saved data position changed
+  # (still valid JSON; process 0's own file is intact) and the array files process 1 wrote
+  # for step 4 are gone. Both processes must reject both steps together and resume from
+  # step 2 at its exact position (neither resumes alone or hangs waiting for the other):
+  # the steps they re-run reproduce the uninterrupted run's losses.
+  position = two / "checkpoints" / "5" / "data" / "process_1-of-2.json"
   state = json.loads(position.read_text())
   counter = next(k for k, v in state.items() if isinstance(v, int) and v > 0)
   state[counter] += 1
   position.write_text(json.dumps(state, indent=4))
-  resume = base[:-3] + ["--config.total_steps=4", *steps[1:],
-                        "--workdir", str(tmp_path / "two")]
-  for returncode, err in _two_processes(resume, env2):
-    assert returncode != 0
-    assert ("the data pipeline position (data/process_1-of-2.json) differs from what was "
-            "written") in err, err[-3000:]
+  written_by_process_1 = list((two / "checkpoints" / "4" / "state").glob("ocdbt.process_1/d/*"))
+  assert written_by_process_1
+  for path in written_by_process_1:
+    path.unlink()
+  for returncode, out, err in _two_processes(base + ["--workdir", str(two)], env2):
+    assert returncode == 0, err[-3000:]
+    summary = json.loads(out[out.index("{"):])  # after gloo's connection messages
+    assert summary["resumed_from"] == 2, summary
+    assert sorted(map(int, summary["rejected_checkpoints"])) == [4, 5], summary
+    assert ("checkpoint step 5 under" in err and "the data pipeline position "
+            "(data/process_1-of-2.json) differs from what was written" in err), err[-3000:]
+    assert "checkpoint step 4 under" in err and "is damaged: unreadable" in err, err[-3000:]
+  np.testing.assert_allclose([_losses(two)[s] for s in range(6)], [one[s] for s in range(6)],
+                             rtol=1e-5)
