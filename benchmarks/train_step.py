@@ -95,6 +95,18 @@ def _timed(step, sync, steps: int) -> dict:
           "cpu_s_per_step": round(min(cpu), 2)}
 
 
+def attention_kernels_run(cfg) -> dict:
+  """The kernel the encoder's and the predictor's attention run on this backend (the
+  config's `attention` may fall back, e.g. cudnn for float32 or a head dim over 128)."""
+  import jax
+  from pupujepa_jax.models import attention
+  heads = {"encoder": (cfg.model.width, cfg.model.num_heads),
+           "predictor": (cfg.predictor.width, cfg.predictor.num_heads)}
+  return {part: attention.resolve_kernel(cfg.attention, jax.default_backend(),
+                                         cfg.compute_dtype, width // n)[0]
+          for part, (width, n) in heads.items()}
+
+
 def run_jax(cfg, steps: int, inputs: str) -> dict:
   import jax
   import numpy as np
@@ -128,7 +140,8 @@ def run_jax(cfg, steps: int, inputs: str) -> dict:
   device = jax.devices()[0]
   memory = device.memory_stats() or {}  # accelerators report their peak; CPUs do not
   return {"side": "jax", "backend": jax.default_backend(), "device": device.device_kind,
-          "devices": jax.device_count(), "attention": cfg.attention, "remat": cfg.remat,
+          "devices": jax.device_count(), "attention": cfg.attention,
+          "attention_ran": attention_kernels_run(cfg), "remat": cfg.remat,
           "dtype": cfg.compute_dtype, "inputs": inputs,
           "compile_plus_first_step_s": round(first, 2), **timing,
           "xla_counted_gflop": round(xla_flops / 1e9, 1),

@@ -1,9 +1,12 @@
 """The benchmark scripts still run against the current APIs (their numbers are not
 asserted: they are measurements, printed for people to read)."""
 import json
+import os
 import pathlib
 import subprocess
 import sys
+
+import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -20,3 +23,21 @@ def test_input_pipeline_benchmark_reports_cold_and_cached_reads():
   assert set(rows) == {(0, 0), (0, 8), (1, 0), (1, 8)}
   assert all(r["crops_per_s"] > 0 for r in rows.values())
   assert results["train_step"]["consumes_crops_per_s"] == 2 / 1.5
+
+
+@pytest.mark.slow
+def test_device_check_script_runs_end_to_end_on_cpus(tmp_path):
+  """The one-shot GPU script (benchmarks/device_check.sh) is only ever run in a short
+  device lease: its plumbing is checked here at smoke size, the cudnn runs falling back."""
+  env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable, JAX_PLATFORMS="cpu",
+             DEVICE_CHECK_RUNS="tiny:8", DEVICE_CHECK_CONFIG="smoke",
+             DEVICE_CHECK_TESTS="-k 410-64-128", DEVICE_CHECK_WHEELS=str(tmp_path / "none"))
+  out = subprocess.run(["bash", str(REPO / "benchmarks" / "device_check.sh")], cwd=REPO,
+                       env=env, capture_output=True, text=True, timeout=600).stdout
+  assert "1 passed" in out, out
+  rows = [json.loads(line) for line in (tmp_path / "device_check.jsonl").read_text().splitlines()]
+  assert [(r["attention"], r.get("failed")) for r in rows] == [("cudnn", None), ("xla", None)]
+  assert rows[0]["attention_ran"] == {"encoder": "blockwise", "predictor": "blockwise"}
+  assert rows[1]["attention_ran"] == {"encoder": "xla", "predictor": "xla"}
+  assert all(r["step_s"] > 0 and r["dtype"] == "bfloat16" for r in rows)
+  assert "blockwise/blockwise" in out.splitlines()[-2] and "xla/xla" in out.splitlines()[-1]
