@@ -107,6 +107,23 @@ def attention_kernels_run(cfg) -> dict:
           for part, (width, n) in heads.items()}
 
 
+def fit_batch(batch: int, lower, limit: int | None, multiple: int, fraction: float = 0.95):
+  """(batch, compiled step, bytes it needs): `batch`, halved while XLA's memory analysis of
+  the compiled step exceeds `fraction` of `limit` bytes (an accelerator's memory; None on
+  CPUs, which report none: the batch stays) and the half is still a multiple of
+  `multiple` (the devices). `lower(b)` lowers the step for batch b."""
+  while True:
+    compiled = lower(batch).compile()
+    m = compiled.memory_analysis()
+    needed = (m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
+              - m.alias_size_in_bytes)  # donated inputs are written in place
+    if not limit or needed <= fraction * limit or batch % (2 * multiple):
+      return batch, compiled, needed
+    print(f"batch {batch}: the step needs {needed / 2**30:.1f} GiB of the device's "
+          f"{limit / 2**30:.1f} GiB; halving", file=sys.stderr)
+    batch //= 2
+
+
 def run_jax(cfg, steps: int, inputs: str) -> dict:
   import jax
   import numpy as np
@@ -117,23 +134,30 @@ def run_jax(cfg, steps: int, inputs: str) -> dict:
   state = train_step.create_sharded_state(cfg, mesh)
   step_fn = train_step.make_train_step(cfg, mesh)
   rng = np.random.default_rng(0)
-  b = cfg.data.batch_size
   if inputs == "audio":
-    samples = config_lib.frontend(cfg).samples_for_frames(cfg.model.crop_frames)
-    local = {"audio": (0.1 * rng.standard_normal((b, samples))).astype(np.float32)}
+    example = (config_lib.frontend(cfg).samples_for_frames(cfg.model.crop_frames),)
   else:
-    local = {"spectrogram": rng.standard_normal(
-        (b, cfg.model.crop_frames, cfg.frontend.n_mels)).astype(np.float32)}
+    example = (cfg.model.crop_frames, cfg.frontend.n_mels)
+  key = "audio" if inputs == "audio" else "spectrogram"
+
+  requested = cfg.data.batch_size
+  start = time.perf_counter()
+  limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+  b, compiled, needed = fit_batch(requested, lambda b: step_fn.lower(
+      state, {key: jax.ShapeDtypeStruct((b, *example), np.float32)}), limit,
+      jax.device_count())
+  cfg.data.batch_size = b  # the FLOPs and examples/s below are per this batch
+  scale = 0.1 if inputs == "audio" else 1.0
+  local = {key: (scale * rng.standard_normal((b, *example))).astype(np.float32)}
   batch = sharding.global_batch(local, mesh)
   xla_flops = train_step.step_flops(cfg, jax.eval_shape(lambda: local))
-  start = time.perf_counter()
-  state, metrics = step_fn(state, batch)
+  state, metrics = compiled(state, batch)
   jax.block_until_ready(metrics)
   first = time.perf_counter() - start
 
   def step():
     nonlocal state, metrics
-    state, metrics = step_fn(state, batch)
+    state, metrics = compiled(state, batch)
     return metrics
 
   timing = _timed(step, jax.block_until_ready, steps)
@@ -142,7 +166,8 @@ def run_jax(cfg, steps: int, inputs: str) -> dict:
   return {"side": "jax", "backend": jax.default_backend(), "device": device.device_kind,
           "devices": jax.device_count(), "attention": cfg.attention,
           "attention_ran": attention_kernels_run(cfg), "remat": cfg.remat,
-          "dtype": cfg.compute_dtype, "inputs": inputs,
+          "dtype": cfg.compute_dtype, "inputs": inputs, "batch": b,
+          "requested_batch": requested, "xla_step_memory_gb": round(needed / 1e9, 2),
           "compile_plus_first_step_s": round(first, 2), **timing,
           "xla_counted_gflop": round(xla_flops / 1e9, 1),
           "loss": float(metrics["loss"]), "peak_rss_gb": round(_peak_rss_gb(), 2),

@@ -1,5 +1,6 @@
 """The benchmark scripts still run against the current APIs (their numbers are not
 asserted: they are measurements, printed for people to read)."""
+import importlib.util
 import json
 import os
 import pathlib
@@ -41,3 +42,25 @@ def test_device_check_script_runs_end_to_end_on_cpus(tmp_path):
   assert rows[1]["attention_ran"] == {"encoder": "xla", "predictor": "xla"}
   assert all(r["step_s"] > 0 and r["dtype"] == "bfloat16" for r in rows)
   assert "blockwise/blockwise" in out.splitlines()[-2] and "xla/xla" in out.splitlines()[-1]
+
+
+def test_fit_batch_halves_until_the_compiled_step_fits():
+  """The device check fills a GPU without knowing each model's memory: a real XLA
+  compilation whose memory grows with the batch, against a limit the CPU cannot report."""
+  import jax
+  import jax.numpy as jnp
+
+  spec = importlib.util.spec_from_file_location("bench", REPO / "benchmarks" / "train_step.py")
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+
+  def lower(b):  # b x b float32 temporaries: 4 b^2 bytes
+    return jax.jit(lambda x: (x @ x.T).sum()).lower(jax.ShapeDtypeStruct((b, 64), jnp.float32))
+
+  need_64 = bench.fit_batch(64, lower, None, 1)[2]
+  assert need_64 >= 4 * 64 * 64
+  b, compiled, needed = bench.fit_batch(256, lower, int(need_64 / 0.95) + 1, 1)
+  assert b == 64 and needed == need_64
+  assert float(compiled(jnp.ones((64, 64), jnp.float32))) == 64 * 64 * 64
+  assert bench.fit_batch(256, lower, 1, 32)[0] == 32  # halves no further than the devices
+  assert bench.fit_batch(256, lower, None, 1)[0] == 256
