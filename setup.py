@@ -29,6 +29,9 @@ DATA = [
     "tensorflow-datasets>=4.9.9",
     "array-record>=0.8.1",
     "etils[epath,epy]>=1.12",
+    # TFDS's builders read their own resources through etils.epath, which imports
+    # importlib_resources on every Python; neither declares it.
+    "importlib_resources>=6.0",
     "absl-py>=2.1",
     "threadpoolctl>=3.5",
 ]

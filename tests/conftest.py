@@ -13,6 +13,10 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
+from pupujepa_jax import xla_flags  # noqa: E402  (imports no JAX)
+
+xla_flags.apply()  # as the `pupujepa` command does (8 CPU devices: a flag under jaxlib 0.11)
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import soundfile  # noqa: E402
