@@ -150,10 +150,10 @@ def run_jax(cfg, steps: int, inputs: str) -> dict:
   scale = 0.1 if inputs == "audio" else 1.0
   local = {key: (scale * rng.standard_normal((b, *example))).astype(np.float32)}
   batch = sharding.global_batch(local, mesh)
-  xla_flops = train_step.step_flops(cfg, jax.eval_shape(lambda: local))
   state, metrics = compiled(state, batch)
   jax.block_until_ready(metrics)
   first = time.perf_counter() - start
+  xla_flops = train_step.step_flops(cfg, jax.eval_shape(lambda: local))
 
   def step():
     nonlocal state, metrics
