@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One short GPU check (about 10 minutes on one H100/H200): attention kernels against the
-# reference on the GPU, then the train step of tiny, small and base in bf16 with cuDNN
-# attention on and off: step time, examples/s, MFU (analytic FLOPs) and peak memory.
+# reference on the GPU, then the train step of tiny, base, large and small in bf16 with
+# cuDNN attention on and off: step time, examples/s, MFU (analytic FLOPs), peak memory.
 #
 # The device tool's H200 image has JAX with CUDA, flax, optax, orbax and pytest, but not
 # every package this repository imports: fetch the missing wheels here once,
@@ -9,8 +9,9 @@
 # then run, from the repository root on the GPU machine, with `.whl` carried:
 #   bash benchmarks/device_check.sh            # writes $OUT/device_check.jsonl if OUT is set
 # Batches (10.24 s crops) are what XLA:CPU's memory analysis of the same bf16 steps says
-# fits in ~100 GB (tiny 128: 84 GiB, small 128: 97, base 64: 86); the benchmark halves a
-# batch whose compiled step does not fit the device (its JSON says which batch ran).
+# fits in ~100 GB (tiny 128: 84 GiB, base 64: 86, large 32: 71, small 128: 97); the
+# benchmark halves a batch whose compiled step does not fit the device (its JSON says
+# which batch ran).
 #
 # Anywhere else the same script checks its own plumbing (tests/test_benchmarks.py does,
 # on CPUs; the cudnn runs then fall back to blockwise attention, logging why):
@@ -47,10 +48,10 @@ print(json.dumps(r))" | tee -a "$out" || echo "{\"variant\": \"$1\", \"attention
 # Every size with cuDNN first, then without: a call cut short by the device tool's limit
 # still brings back the rows that matter most ($OUT's file grows row by row). Plain XLA
 # attention keeps [batch, heads, N, N] float32 probabilities for the backward pass: it
-# runs a quarter of the batch (XLA:CPU's analysis: tiny 32, small 32, base 16 need 64-100
-# GiB), so that no compilation is spent on halving.
+# runs a quarter of the batch (XLA:CPU's analysis: tiny 32, base 16, large 8, small 32
+# need 64-100 GiB), so that no compilation is spent on halving.
 for attention in cudnn xla; do
-  for spec in ${DEVICE_CHECK_RUNS:-tiny:128 base:64 small:128}; do
+  for spec in ${DEVICE_CHECK_RUNS:-tiny:128 base:64 large:32 small:128}; do
     batch="${spec#*:}"
     if [ "$attention" = xla ] && [ "$batch" -ge 4 ]; then batch=$((batch / 4)); fi
     run "${spec%:*}" "$batch" "$attention"
