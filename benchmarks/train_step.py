@@ -99,12 +99,14 @@ def attention_kernels_run(cfg) -> dict:
   """The kernel the encoder's and the predictor's attention run on this backend (the
   config's `attention` may fall back, e.g. cudnn for float32 or a head dim over 128)."""
   import jax
+  from pupujepa_jax import config as config_lib, models
   from pupujepa_jax.models import attention
-  heads = {"encoder": (cfg.model.width, cfg.model.num_heads),
-           "predictor": (cfg.predictor.width, cfg.predictor.num_heads)}
-  return {part: attention.resolve_kernel(cfg.attention, jax.default_backend(),
-                                         cfg.compute_dtype, width // n)[0]
-          for part, (width, n) in heads.items()}
+  arch, runtime = config_lib.architecture(cfg), config_lib.runtime(cfg)
+  specs = {"encoder": models.block_spec(arch, runtime),
+           "predictor": models.block_spec(arch, runtime, config_lib.predictor_size(cfg))}
+  return {part: attention.resolve_kernel(spec.attention, jax.default_backend(),
+                                         cfg.compute_dtype, spec.head_dim)[0]
+          for part, spec in specs.items()}
 
 
 def fit_batch(batch: int, lower, limit: int | None, multiple: int, fraction: float = 0.95):
