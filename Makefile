@@ -15,7 +15,11 @@ venv: $(VENV_STAMP)
 test: $(VENV_STAMP)
 	JAX_NUM_CPU_DEVICES=8 $(PY) -m pytest -q -n 2 --dist loadgroup tests
 
+# The demo's small model runs faster with malloc's big blocks on transparent huge pages:
+# XLA:CPU maps its temp buffer afresh every step, and the kernel zeroes it page by page
+# (README, Speed). glibc >= 2.35 reads the tunable at start; others ignore it.
 demo: $(VENV_STAMP)
-	$(PY) -m pupujepa_jax.demo --out demo_out
+	GLIBC_TUNABLES=$${GLIBC_TUNABLES:+$$GLIBC_TUNABLES:}glibc.malloc.hugetlb=1 \
+	    $(PY) -m pupujepa_jax.demo --out demo_out
 
 .PHONY: venv test demo

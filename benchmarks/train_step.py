@@ -7,12 +7,15 @@ Not a test: prints numbers for whatever backend JAX finds.
   python benchmarks/train_step.py --side_by_side                    # ... and PyTorch's step
   python benchmarks/train_step.py --config experiments/cpu_demo.py --side_by_side
   python benchmarks/train_step.py --config experiments/pupujepa.py:variant=base,batch=64,bf16
+  python benchmarks/train_step.py --config experiments/cpu_demo.py --side_by_side \
+      --env GLIBC_TUNABLES=glibc.malloc.hugetlb=1                  # as `make demo` runs
 
 `--side_by_side` runs each side in its own process, one after the other (so each peak
 RSS is its own): ours (`train_step.pretrain_step`, jitted) and PyTorch's (the
 release-built reference of tests/release_reference.py: timm EvaBlocks with fused SDPA
 attention, our smooth-L1 loss, AdamW, EMA), on the same spectrogram shapes, then prints
-the ratio. FLOPs are analytic (`pupujepa_jax.models.flops`: the matmuls and attention
+the ratio. `--env KEY=VALUE` sets a variable in both sides' processes from their start
+(settings read once at process start, such as glibc's malloc tunables). FLOPs are analytic (`pupujepa_jax.models.flops`: the matmuls and attention
 that a step needs, no recomputation), so MFU measures useful work; XLA's own count is
 printed beside it (it counts each while-loop body once: the scanned blocks and the
 blockwise attention loops are undercounted, which is why MFU does not use it).
@@ -85,14 +88,21 @@ def _cpu_seconds() -> float:
 
 
 def _timed(step, sync, steps: int) -> dict:
+  """Best and median wall time of `steps` steps, their least CPU time, and the kernel's
+  share of the CPU time with the minor page faults per step (memory the allocator got
+  fresh from the kernel, which zeroes every page on first touch)."""
   wall, cpu = [], []
+  before = resource.getrusage(resource.RUSAGE_SELF)
   for _ in range(steps):
     start, start_cpu = time.perf_counter(), _cpu_seconds()
     sync(step())
     wall.append(time.perf_counter() - start)
     cpu.append(_cpu_seconds() - start_cpu)
+  after = resource.getrusage(resource.RUSAGE_SELF)
   return {"step_s": round(min(wall), 4), "step_s_median": round(sorted(wall)[len(wall) // 2], 4),
-          "cpu_s_per_step": round(min(cpu), 2)}
+          "cpu_s_per_step": round(min(cpu), 2),
+          "kernel_cpu_s_per_step": round((after.ru_stime - before.ru_stime) / steps, 3),
+          "page_faults_per_step": round((after.ru_minflt - before.ru_minflt) / steps)}
 
 
 def attention_kernels_run(cfg) -> dict:
@@ -245,22 +255,33 @@ def main():
   parser.add_argument("--rounds", type=int, default=1,
                       help="side by side: alternate the two sides this many times and keep "
                            "each side's best round (machine noise hits both alike)")
+  parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                      help="side by side: set this environment variable in both sides' "
+                           "processes (repeatable)")
   parser.add_argument("--inputs", choices=["spectrogram", "audio"], default="spectrogram",
                       help="audio: the jitted step also runs the front-end")
   args, overrides = parser.parse_known_args()
   cfg = load_config(args.config, overrides)
+  if args.env and not args.side_by_side:
+    parser.error("--env needs --side_by_side (this process has already started)")
+  env = dict(os.environ)
+  for item in args.env:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+      parser.error(f"--env {item!r}: expected KEY=VALUE")
+    env[key] = value
   if args.side_by_side:
     best = {}
     for _ in range(args.rounds):
       for side in ("torch", "jax"):
         cmd = [sys.executable, __file__, "--config", args.config, "--steps", str(args.steps),
                "--side", side, "--inputs", args.inputs, *overrides]
-        result = json.loads(subprocess.run(cmd, capture_output=True, text=True,
+        result = json.loads(subprocess.run(cmd, capture_output=True, text=True, env=env,
                                            check=True).stdout)
         if side not in best or result["step_s"] < best[side]["step_s"]:
           best[side] = result
     torch_r, jax_r = best["torch"], best["jax"]
-    print(json.dumps({"torch": torch_r, "jax": jax_r,
+    print(json.dumps({"torch": torch_r, "jax": jax_r, "env": args.env,
                       "step_time_ratio_jax_over_torch": round(jax_r["step_s"] /
                                                               torch_r["step_s"], 3),
                       "cpu_time_ratio_jax_over_torch": round(jax_r["cpu_s_per_step"] /

@@ -64,3 +64,36 @@ def test_fit_batch_halves_until_the_compiled_step_fits():
   assert float(compiled(jnp.ones((64, 64), jnp.float32))) == 64 * 64 * 64
   assert bench.fit_batch(256, lower, 1, 32)[0] == 32  # halves no further than the devices
   assert bench.fit_batch(256, lower, None, 1)[0] == 256
+
+
+def test_step_timing_counts_the_memory_the_kernel_hands_out_fresh():
+  """The step benchmark reports page faults and kernel time per step: what an allocator
+  that returns big blocks to the kernel costs (it zeroes every page again on first touch).
+  A step that mallocs, fills and frees a block above glibc's largest mmap threshold (as
+  XLA:CPU does with its temp buffer) faults on every page; one that refills a kept block
+  does not."""
+  import ctypes
+
+  spec = importlib.util.spec_from_file_location("bench", REPO / "benchmarks" / "train_step.py")
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  libc = ctypes.CDLL(None)
+  libc.malloc.restype = ctypes.c_void_p
+  libc.free.argtypes = [ctypes.c_void_p]
+  size = 64 << 20
+
+  def fresh_block():
+    block = libc.malloc(size)
+    ctypes.memset(block, 1, size)
+    libc.free(block)
+
+  kept = libc.malloc(size)
+  ctypes.memset(kept, 0, size)  # its pages are mapped from here on
+  try:
+    fresh = bench._timed(fresh_block, lambda x: x, 3)
+    reused = bench._timed(lambda: ctypes.memset(kept, 1, size), lambda x: x, 3)
+  finally:
+    libc.free(kept)
+  assert fresh["page_faults_per_step"] >= 0.9 * size / 4096
+  assert reused["page_faults_per_step"] < 0.1 * size / 4096
+  assert fresh["kernel_cpu_s_per_step"] > reused["kernel_cpu_s_per_step"]
