@@ -15,10 +15,12 @@ RSS is its own): ours (`train_step.pretrain_step`, jitted) and PyTorch's (the
 release-built reference of tests/release_reference.py: timm EvaBlocks with fused SDPA
 attention, our smooth-L1 loss, AdamW, EMA), on the same spectrogram shapes, then prints
 the ratio. `--env KEY=VALUE` sets a variable in both sides' processes from their start
-(settings read once at process start, such as glibc's malloc tunables). FLOPs are analytic (`pupujepa_jax.models.flops`: the matmuls and attention
-that a step needs, no recomputation), so MFU measures useful work; XLA's own count is
-printed beside it (it counts each while-loop body once: the scanned blocks and the
-blockwise attention loops are undercounted, which is why MFU does not use it).
+(settings read once at process start, such as glibc's malloc tunables). Each side also
+reports its kernel CPU time and minor page faults per step. FLOPs are analytic
+(`pupujepa_jax.models.flops`: the matmuls and attention that a step needs, no
+recomputation), so MFU measures useful work; XLA's own count is printed beside it (it
+counts each while-loop body once: the scanned blocks and the blockwise attention loops
+are undercounted, which is why MFU does not use it).
 """
 from __future__ import annotations
 
