@@ -80,10 +80,13 @@ def test_step_timing_counts_the_memory_the_kernel_hands_out_fresh():
   libc = ctypes.CDLL(None)
   libc.malloc.restype = ctypes.c_void_p
   libc.free.argtypes = [ctypes.c_void_p]
-  size = 64 << 20
+  libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+  size, page, no_huge_pages = 64 << 20, 4096, 15  # MADV_NOHUGEPAGE
 
   def fresh_block():
     block = libc.malloc(size)
+    start = -(-block // page) * page  # 4 KiB pages even where THP is "always"
+    libc.madvise(start, (block + size - start) // page * page, no_huge_pages)
     ctypes.memset(block, 1, size)
     libc.free(block)
 
