@@ -122,17 +122,18 @@ def attention_kernels_run(cfg) -> dict:
 
 
 def fit_batch(batch: int, lower, limit: int | None, multiple: int, fraction: float = 0.95):
-  """(batch, compiled step, bytes it needs): `batch`, halved while XLA's memory analysis of
-  the compiled step exceeds `fraction` of `limit` bytes (an accelerator's memory; None on
-  CPUs, which report none: the batch stays) and the half is still a multiple of
-  `multiple` (the devices). `lower(b)` lowers the step for batch b."""
+  """(batch, lowered step, compiled step, bytes it needs): `batch`, halved while XLA's
+  memory analysis of the compiled step exceeds `fraction` of `limit` bytes (an
+  accelerator's memory; None on CPUs, which report none: the batch stays) and the half is
+  still a multiple of `multiple` (the devices). `lower(b)` lowers the step for batch b."""
   while True:
-    compiled = lower(batch).compile()
+    lowered = lower(batch)
+    compiled = lowered.compile()
     m = compiled.memory_analysis()
     needed = (m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
               - m.alias_size_in_bytes)  # donated inputs are written in place
     if not limit or needed <= fraction * limit or batch % (2 * multiple):
-      return batch, compiled, needed
+      return batch, lowered, compiled, needed
     print(f"batch {batch}: the step needs {needed / 2**30:.1f} GiB of the device's "
           f"{limit / 2**30:.1f} GiB; halving", file=sys.stderr)
     batch //= 2
@@ -157,7 +158,7 @@ def run_jax(cfg, steps: int, inputs: str) -> dict:
   requested = cfg.data.batch_size
   start = time.perf_counter()
   limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
-  b, compiled, needed = fit_batch(requested, lambda b: step_fn.lower(
+  b, lowered, compiled, needed = fit_batch(requested, lambda b: step_fn.lower(
       state, {key: jax.ShapeDtypeStruct((b, *example), np.float32)}), limit,
       jax.device_count())
   cfg.data.batch_size = b  # the FLOPs and examples/s below are per this batch
@@ -167,7 +168,7 @@ def run_jax(cfg, steps: int, inputs: str) -> dict:
   state, metrics = compiled(state, batch)
   jax.block_until_ready(metrics)
   first = time.perf_counter() - start
-  xla_flops = train_step.step_flops(cfg, jax.eval_shape(lambda: local))
+  xla_flops = train_step.lowered_flops(lowered)  # the step that ran, not a second lowering
 
   def step():
     nonlocal state, metrics

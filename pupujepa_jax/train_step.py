@@ -169,12 +169,16 @@ def audio_batch_spec(cfg, batch_size: int) -> dict:
   return {"audio": jax.ShapeDtypeStruct((batch_size, samples), jnp.float32)}
 
 
-def step_flops(cfg, batch) -> float:
-  """FLOPs XLA counts in one train step on `batch` (arrays or ShapeDtypeStructs), before
-  optimisation: the cross-check of `models.flops` (which MFU uses)."""
-  lowered = jax.jit(functools.partial(pretrain_step, cfg=cfg)).lower(abstract_state(cfg),
-                                                                      batch)
+def lowered_flops(lowered) -> float:
+  """FLOPs XLA counts in a lowered computation, before optimisation."""
   cost = lowered.cost_analysis()
   if isinstance(cost, list):
     cost = cost[0]
   return float(cost.get("flops", 0.0)) if cost else 0.0
+
+
+def step_flops(cfg, batch) -> float:
+  """FLOPs XLA counts in one train step on `batch` (arrays or ShapeDtypeStructs), before
+  optimisation: the cross-check of `models.flops` (which MFU uses)."""
+  return lowered_flops(jax.jit(functools.partial(pretrain_step, cfg=cfg)).lower(
+      abstract_state(cfg), batch))

@@ -12,6 +12,14 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
+def _step_benchmark():
+  """benchmarks/train_step.py as a module (it is a script, not a package)."""
+  spec = importlib.util.spec_from_file_location("bench", REPO / "benchmarks" / "train_step.py")
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  return bench
+
+
 def test_input_pipeline_benchmark_reports_cold_and_cached_reads():
   out = subprocess.run(
       [sys.executable, str(REPO / "benchmarks" / "input_pipeline.py"), "--records", "3",
@@ -50,17 +58,15 @@ def test_fit_batch_halves_until_the_compiled_step_fits():
   import jax
   import jax.numpy as jnp
 
-  spec = importlib.util.spec_from_file_location("bench", REPO / "benchmarks" / "train_step.py")
-  bench = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(bench)
+  bench = _step_benchmark()
 
   def lower(b):  # b x b float32 temporaries: 4 b^2 bytes
     return jax.jit(lambda x: (x @ x.T).sum()).lower(jax.ShapeDtypeStruct((b, 64), jnp.float32))
 
-  need_64 = bench.fit_batch(64, lower, None, 1)[2]
+  need_64 = bench.fit_batch(64, lower, None, 1)[3]
   assert need_64 >= 4 * 64 * 64
-  b, compiled, needed = bench.fit_batch(256, lower, int(need_64 / 0.95) + 1, 1)
-  assert b == 64 and needed == need_64
+  b, lowered, compiled, needed = bench.fit_batch(256, lower, int(need_64 / 0.95) + 1, 1)
+  assert b == 64 and needed == need_64 and lowered.in_avals[0][0].shape == (64, 64)
   assert float(compiled(jnp.ones((64, 64), jnp.float32))) == 64 * 64 * 64
   assert bench.fit_batch(256, lower, 1, 32)[0] == 32  # halves no further than the devices
   assert bench.fit_batch(256, lower, None, 1)[0] == 256
@@ -74,9 +80,7 @@ def test_step_timing_counts_the_memory_the_kernel_hands_out_fresh():
   does not."""
   import ctypes
 
-  spec = importlib.util.spec_from_file_location("bench", REPO / "benchmarks" / "train_step.py")
-  bench = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(bench)
+  bench = _step_benchmark()
   libc = ctypes.CDLL(None)
   libc.malloc.restype = ctypes.c_void_p
   libc.free.argtypes = [ctypes.c_void_p]
