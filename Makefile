@@ -15,11 +15,9 @@ venv: $(VENV_STAMP)
 test: $(VENV_STAMP)
 	JAX_NUM_CPU_DEVICES=8 $(PY) -m pytest -q -n 2 --dist loadgroup tests
 
-# The demo's small model runs faster with malloc's big blocks on transparent huge pages:
-# XLA:CPU maps its temp buffer afresh every step, and the kernel zeroes it page by page
-# (README, Speed). glibc >= 2.35 reads the tunable at start; others ignore it.
+# The demo re-executes itself with the CPU block cache preloaded where it can build it
+# (pupujepa_jax/block_cache.py; README, Speed).
 demo: $(VENV_STAMP)
-	GLIBC_TUNABLES=$${GLIBC_TUNABLES:+$$GLIBC_TUNABLES:}glibc.malloc.hugetlb=1 \
-	    $(PY) -m pupujepa_jax.demo --out demo_out
+	$(PY) -m pupujepa_jax.demo --out demo_out
 
 .PHONY: venv test demo

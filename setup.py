@@ -47,6 +47,7 @@ setup(
     description="PupuJEPA: frequency-aware JEPA music representation learning in JAX/Flax.",
     python_requires=">=3.11",
     packages=find_packages(include=["pupujepa_jax*", "data_pipelines*", "experiments*"]),
+    package_data={"pupujepa_jax": ["native/*.c"]},  # the CPU block cache, built on first use
     install_requires=CORE,
     extras_require={
         "data": DATA,

@@ -8,15 +8,18 @@ Not a test: prints numbers for whatever backend JAX finds.
   python benchmarks/train_step.py --config experiments/cpu_demo.py --side_by_side
   python benchmarks/train_step.py --config experiments/pupujepa.py:variant=base,batch=64,bf16
   python benchmarks/train_step.py --config experiments/cpu_demo.py --side_by_side \
-      --env GLIBC_TUNABLES=glibc.malloc.hugetlb=1                  # as `make demo` runs
+      --block_cache                       # ours with the CPU block cache, as it trains
 
 `--side_by_side` runs each side in its own process, one after the other (so each peak
 RSS is its own): ours (`train_step.pretrain_step`, jitted) and PyTorch's (the
 release-built reference of tests/release_reference.py: timm EvaBlocks with fused SDPA
 attention, our smooth-L1 loss, AdamW, EMA), on the same spectrogram shapes, then prints
 the ratio. `--env KEY=VALUE` sets a variable in both sides' processes from their start
-(settings read once at process start, such as glibc's malloc tunables). Each side also
-reports its kernel CPU time and minor page faults per step. FLOPs are analytic
+(settings read once at process start, such as glibc's malloc tunables); `--block_cache`
+preloads `pupujepa_jax/native/block_cache.c` in ours, as `pupujepa train` and the demo
+run on CPUs (`pupujepa_jax.block_cache`), and leaves PyTorch's side as its users run it.
+Each side also reports its kernel CPU time and minor page faults per step, and whether
+the block cache was preloaded. FLOPs are analytic
 (`pupujepa_jax.models.flops`: the matmuls and attention that a step needs, no
 recomputation), so MFU measures useful work; XLA's own count is printed beside it (it
 counts each while-loop body once: the scanned blocks and the blockwise attention loops
@@ -35,9 +38,10 @@ import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from pupujepa_jax import xla_flags  # noqa: E402  (sets XLA_FLAGS before JAX starts)
+from pupujepa_jax import block_cache, xla_flags  # noqa: E402  (before JAX starts)
 
 xla_flags.apply()
+block_cache.configure_jax()  # as `pupujepa train` runs where the block cache is preloaded
 
 # Dense peak FLOP/s per device by compute dtype (vendor datasheets; bf16 = tensor cores,
 # float32 = TF32 tensor cores on NVIDIA, which XLA uses for f32 matmuls by default).
@@ -104,7 +108,8 @@ def _timed(step, sync, steps: int) -> dict:
   return {"step_s": round(min(wall), 4), "step_s_median": round(sorted(wall)[len(wall) // 2], 4),
           "cpu_s_per_step": round(min(cpu), 2),
           "kernel_cpu_s_per_step": round((after.ru_stime - before.ru_stime) / steps, 3),
-          "page_faults_per_step": round((after.ru_minflt - before.ru_minflt) / steps)}
+          "page_faults_per_step": round((after.ru_minflt - before.ru_minflt) / steps),
+          "cpu_block_cache": block_cache.active()}
 
 
 def attention_kernels_run(cfg) -> dict:
@@ -261,30 +266,38 @@ def main():
   parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                       help="side by side: set this environment variable in both sides' "
                            "processes (repeatable)")
+  parser.add_argument("--block_cache", action="store_true",
+                      help="side by side: ours with the CPU block cache preloaded")
   parser.add_argument("--inputs", choices=["spectrogram", "audio"], default="spectrogram",
                       help="audio: the jitted step also runs the front-end")
   args, overrides = parser.parse_known_args()
   cfg = load_config(args.config, overrides)
-  if args.env and not args.side_by_side:
-    parser.error("--env needs --side_by_side (this process has already started)")
+  if (args.env or args.block_cache) and not args.side_by_side:
+    parser.error("--env and --block_cache need --side_by_side (this process has already "
+                 "started)")
   env = dict(os.environ)
   for item in args.env:
     key, sep, value = item.partition("=")
     if not sep or not key:
       parser.error(f"--env {item!r}: expected KEY=VALUE")
     env[key] = value
+  # Ours with the block cache as `pupujepa train` runs; PyTorch as its users run it (its
+  # own big tensors through the cache fault more, not less: its backward frees many).
+  env_of = {"torch": env, "jax": block_cache.preload_environment(env, block_cache.library())
+            if args.block_cache else env}
   if args.side_by_side:
     best = {}
     for _ in range(args.rounds):
       for side in ("torch", "jax"):
         cmd = [sys.executable, __file__, "--config", args.config, "--steps", str(args.steps),
                "--side", side, "--inputs", args.inputs, *overrides]
-        result = json.loads(subprocess.run(cmd, capture_output=True, text=True, env=env,
-                                           check=True).stdout)
+        result = json.loads(subprocess.run(cmd, capture_output=True, text=True,
+                                           env=env_of[side], check=True).stdout)
         if side not in best or result["step_s"] < best[side]["step_s"]:
           best[side] = result
     torch_r, jax_r = best["torch"], best["jax"]
     print(json.dumps({"torch": torch_r, "jax": jax_r, "env": args.env,
+                      "block_cache": args.block_cache,
                       "step_time_ratio_jax_over_torch": round(jax_r["step_s"] /
                                                               torch_r["step_s"], 3),
                       "cpu_time_ratio_jax_over_torch": round(jax_r["cpu_s_per_step"] /

@@ -388,6 +388,9 @@ def main(argv=None) -> int:
   args, extra = parser.parse_known_args(argv)
   if extra and args.command not in TAKES_OVERRIDES:
     parser.error(f"unrecognised arguments: {' '.join(extra)}")
+  if args.command == "train" and argv is None:  # the command line, not a caller's list
+    from pupujepa_jax import block_cache
+    block_cache.enter("pupujepa_jax.cli", sys.argv[1:])
   try:
     args.func(args, extra)
   except ModuleNotFoundError as e:

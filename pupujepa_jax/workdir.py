@@ -24,6 +24,7 @@ from importlib import metadata
 import jax
 import numpy as np
 
+from pupujepa_jax import block_cache
 from pupujepa_jax import checkpointing
 from pupujepa_jax import config as config_lib
 
@@ -65,7 +66,7 @@ def run_info(**extra) -> dict:
       versions[name] = None
   return {"git_revision": _git_revision(), "packages": versions,
           "process_count": jax.process_count(), "device_count": jax.device_count(),
-          "backend": jax.default_backend(), **extra}
+          "backend": jax.default_backend(), "cpu_block_cache": block_cache.active(), **extra}
 
 
 def read_config(workdir):

@@ -79,6 +79,7 @@ def uninterrupted(tone_folder, tmp_path_factory):
 def test_run_files_and_logged_metrics(uninterrupted):
   info = json.loads((uninterrupted / "run_info.json").read_text())
   assert info["packages"]["jax"] == jax.__version__ and info["git_revision"]
+  assert info["cpu_block_cache"] is False  # in this process, nothing preloaded
   saved = json.loads((uninterrupted / "config.json").read_text())
   assert saved["total_steps"] == STEPS and saved["model"]["width"] == 64
   records = metrics.read_jsonl(uninterrupted / "metrics.jsonl")
@@ -130,6 +131,9 @@ def test_one_trainer_per_workdir_sigkill_resumes_exactly_sigterm_exits_cleanly(
   assert summary["stopped_by_signal"] and summary["final_step"] < STEPS
   assert summary["resumed_from"] == saved
   assert checkpointing.make_manager(killed, read_only=True).latest_step() == summary["final_step"]
+  # The command ran with the CPU block cache (re-executed into it, same pid); the numbers
+  # below are the in-process run's without it, bit for bit.
+  assert json.loads((killed / "run_info.json").read_text())["cpu_block_cache"] is True
   # Finish in-process and compare every step's loss and the final state bitwise with the
   # uninterrupted run.
   trainer.train(_config(tone_folder, total_steps=STEPS), killed, progress=False)

@@ -1,0 +1,138 @@
+"""Keeps XLA:CPU's per-step temporaries mapped between steps (`native/block_cache.c`).
+
+On CPUs, XLA allocates each execution's temporaries as one block and frees it at the end;
+glibc maps such a block afresh every time and the kernel zeroes it page by page: 1.65 M
+page faults and 3.4-3.9 s of kernel CPU per step of released tiny, 87,000 and 0.16-0.23 s
+per demo step (README, Speed). `native/block_cache.c`, preloaded, keeps blocks of 64 MiB
+and more for the next request and leaves the rest to glibc.
+
+`pupujepa train` and the demo re-execute themselves with the library preloaded (`enter`)
+where it helps: Linux with glibc, JAX on CPUs only (no GPU or
+TPU plugin installed, or JAX_PLATFORMS=cpu), a C compiler to build it with (once, into
+the user's cache). The re-executed process runs JAX's CPU computations synchronously
+(`configure_jax`): with asynchronous dispatch XLA allocates the next step's block before
+it frees the last one, so two blocks would stay mapped. PUPUJEPA_BLOCK_CACHE=0 turns it
+off; library users preload it themselves (`library()` builds it and gives its path).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+
+SOURCE = pathlib.Path(__file__).parent / "native" / "block_cache.c"
+SWITCH = "PUPUJEPA_BLOCK_CACHE"          # "0" turns the re-execution off
+REEXECUTED = "PUPUJEPA_BLOCK_CACHE_REEXECUTED"  # set in the re-executed process: once only
+# Distributions that give JAX a GPU or TPU backend: with one installed, the step's
+# temporaries live on the accelerator and the host allocator is not the step's business.
+ACCELERATOR_PLUGINS = ("jax-cuda", "jax_cuda", "jax-rocm", "jax_rocm", "libtpu")
+
+
+class Unavailable(RuntimeError):
+  """The library cannot be built or preloaded here; the message says why."""
+
+
+def cache_dir(environ=os.environ) -> pathlib.Path:
+  base = environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
+  return pathlib.Path(base) / "pupujepa_jax"
+
+
+def library(environ=os.environ) -> pathlib.Path:
+  """The built library (built on first use with $CC or cc, then reused: its name carries
+  the source's hash). Raises `Unavailable` naming what is missing."""
+  if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    raise Unavailable(f"needs Linux with glibc, not {platform.system()} "
+                      f"{'/'.join(platform.libc_ver()) or 'without glibc'}")
+  digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+  target = cache_dir(environ) / f"block_cache-{digest}.so"
+  if target.exists():
+    return target
+  compiler = environ.get("CC", "cc")
+  if not shutil.which(compiler):
+    raise Unavailable(f"no C compiler to build {SOURCE.name} ({compiler!r} not on PATH)")
+  target.parent.mkdir(parents=True, exist_ok=True)
+  # Built beside its final name and renamed: processes starting together never see half.
+  with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+    built = pathlib.Path(scratch) / target.name
+    result = subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-o", str(built),
+                             str(SOURCE), "-lpthread"], capture_output=True, text=True,
+                            timeout=120)
+    if result.returncode:
+      raise Unavailable(f"{compiler} failed on {SOURCE}: {result.stderr.strip()[-500:]}")
+    os.replace(built, target)
+  return target
+
+
+def active() -> bool:
+  """Whether this process runs with the library preloaded."""
+  try:
+    maps = pathlib.Path("/proc/self/maps").read_text()
+  except OSError:
+    return False
+  return "/block_cache-" in maps
+
+
+def cpu_only(environ=os.environ) -> bool:
+  """Whether JAX can only run on CPUs here (read without starting JAX)."""
+  platforms = environ.get("JAX_PLATFORMS", "")
+  if platforms:
+    return platforms.split(",")[0].strip() == "cpu"
+  names = {(d.metadata["Name"] or "").lower() for d in importlib.metadata.distributions()}
+  return not any(name.startswith(ACCELERATOR_PLUGINS) for name in names)
+
+
+def reason_not_to(environ=os.environ) -> str | None:
+  """Why this process should not re-execute itself with the library; None: it should."""
+  if environ.get(SWITCH, "1") == "0":
+    return f"{SWITCH}=0"
+  if environ.get(REEXECUTED):
+    return "already re-executed once"  # never loop if the preload did not take
+  if not cpu_only(environ):
+    return "JAX has a GPU or TPU backend here"
+  return None
+
+
+def preload_environment(environ, library_path: pathlib.Path) -> dict[str, str]:
+  """`environ` with the library first in LD_PRELOAD and the re-execution marked."""
+  env = dict(environ)
+  env["LD_PRELOAD"] = " ".join(filter(None, [str(library_path), environ.get("LD_PRELOAD")]))
+  env[REEXECUTED] = "1"
+  return env
+
+
+def reexec_with_block_cache(module: str, argv: list[str]) -> None:
+  """Replaces this process by `python -m module *argv` with the library preloaded, when it
+  should (see module docstring); warns, naming the cause, when it should but cannot."""
+  if active() or reason_not_to() is not None:
+    return
+  try:
+    path = library()
+  except (Unavailable, OSError, subprocess.SubprocessError) as e:
+    warnings.warn(f"running without the CPU block cache (README, Speed): {e}")
+    return
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os.execve(sys.executable, [sys.executable, "-m", module, *argv],
+            preload_environment(os.environ, path))
+
+
+def enter(module: str, argv: list[str]) -> None:
+  """What a command (`python -m module *argv`) calls first, before JAX starts: re-executes
+  with the library where it should, else stays; then configures JAX for it."""
+  reexec_with_block_cache(module, argv)
+  configure_jax()
+
+
+def configure_jax() -> None:
+  """Synchronous CPU dispatch where the library is preloaded (see module docstring).
+  Call before JAX starts its CPU backend."""
+  if active():
+    import jax
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
