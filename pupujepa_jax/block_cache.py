@@ -6,13 +6,14 @@ page faults and 3.4-3.9 s of kernel CPU per step of released tiny, 87,000 and 0.
 per demo step (README, Speed). `native/block_cache.c`, preloaded, keeps blocks of 64 MiB
 and more for the next request and leaves the rest to glibc.
 
-`pupujepa train` and the demo re-execute themselves with the library preloaded (`enter`)
-where it helps: Linux with glibc, JAX on CPUs only (no GPU or
-TPU plugin installed, or JAX_PLATFORMS=cpu), a C compiler to build it with (once, into
-the user's cache). The re-executed process runs JAX's CPU computations synchronously
-(`configure_jax`): with asynchronous dispatch XLA allocates the next step's block before
-it frees the last one, so two blocks would stay mapped. PUPUJEPA_BLOCK_CACHE=0 turns it
-off; library users preload it themselves (`library()` builds it and gives its path).
+`pupujepa train` and the demo re-execute themselves (`enter`: the same command line,
+interpreter options included) with the library preloaded where it helps: Linux with
+glibc, JAX on CPUs only (no GPU or TPU plugin installed, or JAX_PLATFORMS=cpu), a C
+compiler to build it with (once, into the user's cache). The re-executed process runs
+JAX's CPU computations synchronously (`configure_jax`): with asynchronous dispatch XLA
+allocates the next step's block before it frees the last one, so two blocks would stay
+mapped. PUPUJEPA_BLOCK_CACHE=0 turns it off; library users preload it themselves
+(`library()` builds it and gives its path) and call `configure_jax()`.
 """
 from __future__ import annotations
 
@@ -107,8 +108,8 @@ def preload_environment(environ, library_path: pathlib.Path) -> dict[str, str]:
   return env
 
 
-def reexec_with_block_cache(module: str, argv: list[str]) -> None:
-  """Replaces this process by `python -m module *argv` with the library preloaded, when it
+def reexec_with_block_cache() -> None:
+  """Replaces this process by its own command line with the library preloaded, when it
   should (see module docstring); warns, naming the cause, when it should but cannot."""
   if active() or reason_not_to() is not None:
     return
@@ -119,14 +120,13 @@ def reexec_with_block_cache(module: str, argv: list[str]) -> None:
     return
   sys.stdout.flush()
   sys.stderr.flush()
-  os.execve(sys.executable, [sys.executable, "-m", module, *argv],
-            preload_environment(os.environ, path))
+  os.execve(sys.executable, sys.orig_argv, preload_environment(os.environ, path))
 
 
-def enter(module: str, argv: list[str]) -> None:
-  """What a command (`python -m module *argv`) calls first, before JAX starts: re-executes
-  with the library where it should, else stays; then configures JAX for it."""
-  reexec_with_block_cache(module, argv)
+def enter() -> None:
+  """What a command calls first, before JAX starts: re-executes itself with the library
+  where it should, else goes on as it is; then configures JAX for it."""
+  reexec_with_block_cache()
   configure_jax()
 
 

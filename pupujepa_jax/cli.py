@@ -390,7 +390,7 @@ def main(argv=None) -> int:
     parser.error(f"unrecognised arguments: {' '.join(extra)}")
   if args.command == "train" and argv is None:  # the command line, not a caller's list
     from pupujepa_jax import block_cache
-    block_cache.enter("pupujepa_jax.cli", sys.argv[1:])
+    block_cache.enter()
   try:
     args.func(args, extra)
   except ModuleNotFoundError as e:

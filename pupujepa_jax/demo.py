@@ -616,7 +616,7 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   if argv is None:  # the command line: re-executed with the block cache where it helps
     from pupujepa_jax import block_cache
-    block_cache.enter("pupujepa_jax.demo", sys.argv[1:])
+    block_cache.enter()
   ablations = read_ablations(args.ablations) if args.ablations else None
   run(args.out, args.hours, args.config_arg, args.seed, ablations=ablations)
   return 0

@@ -192,12 +192,10 @@ def test_a_jitted_step_reuses_its_temporaries_with_the_same_results(library):
 REEXEC = """
   import json, os, sys
   from pupujepa_jax import block_cache
-  if len(sys.argv) > 1 and sys.argv[1] == "child":
-    print(json.dumps({"argv": sys.argv[2:], "active": block_cache.active(),
-                      "marked": os.environ.get(block_cache.REEXECUTED)}))
-  else:
-    block_cache.enter("reexec_probe", ["child", "a b", "--x=1"])
-    print(json.dumps({"argv": None, "active": block_cache.active(), "marked": None}))
+  block_cache.enter()
+  print(json.dumps({"argv": sys.argv[1:], "active": block_cache.active(),
+                    "marked": os.environ.get(block_cache.REEXECUTED),
+                    "optimize": sys.flags.optimize}))
 """
 
 
@@ -208,19 +206,20 @@ REEXEC = """
     ({block_cache.REEXECUTED: "1"}, False),  # a re-executed process never loops
 ])
 def test_commands_reexecute_themselves_with_the_library(library, tmp_path, env, reexecuted):
+  """The same command line (interpreter options and arguments) comes back preloaded, once;
+  not where it is switched off, JAX has an accelerator, or it was re-executed already."""
   (tmp_path / "reexec_probe.py").write_text(textwrap.dedent(REEXEC))
   run_env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{REPO}",
                  XDG_CACHE_HOME=str(library.parent.parent))
   run_env.pop(block_cache.REEXECUTED, None)
   run_env.update(env)
-  result = subprocess.run([sys.executable, "-m", "reexec_probe"], env=run_env,
-                          capture_output=True, text=True, timeout=120)
+  result = subprocess.run([sys.executable, "-O", "-m", "reexec_probe", "a b", "--x=1"],
+                          env=run_env, capture_output=True, text=True, timeout=120)
   assert result.returncode == 0, result.stderr
   out = json.loads(result.stdout)
-  if reexecuted:
-    assert out == {"argv": ["a b", "--x=1"], "active": True, "marked": "1"}
-  else:
-    assert out["argv"] is None and not out["active"]
+  assert out["argv"] == ["a b", "--x=1"] and out["optimize"] == 1
+  assert out["active"] is reexecuted
+  assert out["marked"] == ("1" if reexecuted or env.get(block_cache.REEXECUTED) else None)
 
 
 def test_jax_platforms_and_plugins_decide_cpu_only():
