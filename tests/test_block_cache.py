@@ -118,6 +118,12 @@ ALLOCATOR_CHECKS = """
       ctypes.string_at(zeros + 100 * MB - 4096, 4096)) == {0}
   libc.free(zeros)
   small = libc.malloc(1000); libc.free(small)
+  import os
+  child = os.fork()  # a forked child allocates and frees big blocks as its parent does
+  if child == 0:
+    block = libc.malloc(size); fill(block, size); libc.free(block)
+    os._exit(0)
+  out["fork_child_exit"] = os.waitpid(child, 0)[1]
 
   print(json.dumps(out))
 """
@@ -126,7 +132,8 @@ ALLOCATOR_CHECKS = """
 def test_big_blocks_are_kept_and_reused_and_everything_else_is_glibcs(library):
   """With the library a block malloc'd, filled and freed each round faults only in the
   first round (without it: every page, every round); the malloc family keeps its
-  contracts; freed blocks held back never exceed the largest one freed."""
+  contracts, in a forked child too; freed blocks held back never exceed the largest one
+  freed."""
   pages = 96 * MB // 4096
   cached = _run(ALLOCATOR_CHECKS, {}, preload=library)
   plain = _run(ALLOCATOR_CHECKS, {})
@@ -137,6 +144,7 @@ def test_big_blocks_are_kept_and_reused_and_everything_else_is_glibcs(library):
   for result in (cached, plain):
     assert result["posix_memalign"] == 0 and result["aligned"] and result["usable_ok"]
     assert result["realloc_kept"] and result["realloc_usable_ok"] and result["calloc_zero"]
+    assert result["fork_child_exit"] == 0
   # The 256 MB block stays mapped when freed alone, and goes when the 128 MB one is freed
   # after it (together they exceed the largest freed); the 128 MB one is reused.
   assert cached["kept_after_first_free_mb"] < 8

@@ -47,6 +47,14 @@ static size_t kept_free_bytes, largest_freed;
 static uint64_t free_clock;
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 
+/* fork() while another thread holds the lock would leave the child's copy locked forever
+   (Grain and multiprocessing fork from a threaded process): hold it across the fork. */
+static void lock_before_fork(void) { pthread_mutex_lock(&lock); }
+static void unlock_after_fork(void) { pthread_mutex_unlock(&lock); }
+__attribute__((constructor)) static void register_fork_handlers(void) {
+  pthread_atfork(lock_before_fork, unlock_after_fork, unlock_after_fork);
+}
+
 static size_t rounded(size_t size) { return (size + GRANULE - 1) & ~(GRANULE - 1); }
 
 /* Unmaps least recently freed blocks until the free ones fit the budget. Lock held. */
