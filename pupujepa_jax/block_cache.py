@@ -45,10 +45,15 @@ def cache_dir(environ=os.environ) -> pathlib.Path:
   return pathlib.Path(base) / "pupujepa_jax"
 
 
+def glibc_linux() -> bool:
+  """Whether this is Linux with glibc (what the library interposes on)."""
+  return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
 def library(environ=os.environ) -> pathlib.Path:
   """The built library (built on first use with $CC or cc, then reused: its name carries
   the source's hash). Raises `Unavailable` naming what is missing."""
-  if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+  if not glibc_linux():
     raise Unavailable(f"needs Linux with glibc, not {platform.system()} "
                       f"{'/'.join(platform.libc_ver()) or 'without glibc'}")
   digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
@@ -95,6 +100,8 @@ def reason_not_to(environ=os.environ) -> str | None:
     return f"{SWITCH}=0"
   if environ.get(REEXECUTED):
     return "already re-executed once"  # never loop if the preload did not take
+  if not glibc_linux():
+    return "not Linux with glibc"  # macOS and musl keep their own allocators, quietly
   if not cpu_only(environ):
     return "JAX has a GPU or TPU backend here"
   return None

@@ -233,3 +233,10 @@ def test_commands_reexecute_themselves_with_the_library(library, tmp_path, env, 
 def test_jax_platforms_and_plugins_decide_cpu_only():
   assert block_cache.cpu_only({"JAX_PLATFORMS": "cpu"})
   assert not block_cache.cpu_only({"JAX_PLATFORMS": "cuda,cpu"})
+
+
+def test_other_systems_are_left_alone_quietly(monkeypatch):
+  monkeypatch.setattr(block_cache.platform, "system", lambda: "Darwin")
+  assert block_cache.reason_not_to({}) == "not Linux with glibc"
+  with pytest.raises(block_cache.Unavailable, match="Darwin"):
+    block_cache.library({})
