@@ -281,11 +281,11 @@ def main():
     if not sep or not key:
       parser.error(f"--env {item!r}: expected KEY=VALUE")
     env[key] = value
-  # Ours with the block cache as `pupujepa train` runs; PyTorch as its users run it (its
-  # own big tensors through the cache fault more, not less: its backward frees many).
-  env_of = {"torch": env, "jax": block_cache.preload_environment(env, block_cache.library())
-            if args.block_cache else env}
   if args.side_by_side:
+    # Ours with the block cache as `pupujepa train` runs; PyTorch as its users run it (its
+    # own big tensors through the cache fault more, not less: its backward frees many).
+    env_of = {"torch": env, "jax": block_cache.preload_environment(
+        env, block_cache.library()) if args.block_cache else env}
     best = {}
     for _ in range(args.rounds):
       for side in ("torch", "jax"):

@@ -104,3 +104,23 @@ def test_step_timing_counts_the_memory_the_kernel_hands_out_fresh():
   assert fresh["page_faults_per_step"] >= 0.9 * size / 4096
   assert reused["page_faults_per_step"] < 0.1 * size / 4096
   assert fresh["kernel_cpu_s_per_step"] > reused["kernel_cpu_s_per_step"]
+
+
+@pytest.mark.slow
+def test_side_by_side_preloads_the_block_cache_in_ours_only():
+  """`--side_by_side --block_cache` runs ours with the CPU block cache and PyTorch as is
+  (each side says which); a malformed `--env` is refused before anything runs."""
+  script = [sys.executable, str(REPO / "benchmarks" / "train_step.py"), "--side_by_side",
+            "--config", "experiments/pupujepa.py:smoke", "--steps", "1"]
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES="1", XLA_FLAGS="")
+  bad = subprocess.run(script + ["--env", "NOVALUE"], capture_output=True, text=True,
+                       env=env, timeout=120)
+  assert bad.returncode == 2 and "expected KEY=VALUE" in bad.stderr
+  out = subprocess.run(script + ["--block_cache", "--env", "A=1"], capture_output=True,
+                       text=True, env=env, timeout=600, cwd=REPO)
+  assert out.returncode == 0, out.stderr[-3000:]
+  result = json.loads(out.stdout[out.stdout.index("{"):])
+  assert result["block_cache"] and result["env"] == ["A=1"]
+  assert result["jax"]["cpu_block_cache"] is True
+  assert result["torch"]["cpu_block_cache"] is False
+  assert result["step_time_ratio_jax_over_torch"] > 0

@@ -70,10 +70,10 @@ ALLOCATOR_CHECKS = """
   def rss():
     return int(open("/proc/self/statm").read().split()[1]) * PAGE
 
-  def fill(block, size, byte=1):
+  def fill(block, size):
     start = -(-block // PAGE) * PAGE  # 4 KiB pages even where THP is "always"
     libc.madvise(start, (block + size - start) // PAGE * PAGE, 15)  # MADV_NOHUGEPAGE
-    ctypes.memset(block, byte, size)
+    ctypes.memset(block, 1, size)
 
   # Free blocks kept: at most the largest block freed (least recently freed go first).
   # First, while nothing else is kept.

@@ -66,9 +66,12 @@ static void trim_free_blocks(void) {
           (oldest < 0 || blocks[i].freed_at < blocks[oldest].freed_at))
         oldest = i;
     if (oldest < 0) return;
-    munmap(blocks[oldest].base, blocks[oldest].length);
-    kept_free_bytes -= blocks[oldest].length;
+    char *base = blocks[oldest].base;
+    /* Out of the table before the address goes back: a later mapping there (glibc's, say)
+       must never be taken for this block by live_slot. */
     __atomic_store_n(&blocks[oldest].base, NULL, __ATOMIC_RELEASE);
+    kept_free_bytes -= blocks[oldest].length;
+    munmap(base, blocks[oldest].length);
   }
 }
 
