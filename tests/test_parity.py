@@ -156,3 +156,34 @@ def test_packed_linear_is_one_linear_and_holds_unbiased_parts_at_zero():
   grads = jax.grad(lambda p: sum(o.sum() for o in layer.apply({"params": p}, x)))(params)
   np.testing.assert_array_equal(grads["bias"][4:8], 0.0)
   assert np.all(np.asarray(grads["bias"][:4]) != 0) and np.all(grads["bias"][8:] != 0)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_matmul_backward_is_autodiffs_without_transposed_copies(dtype):
+  """`transformer.matmul`'s own backward gives autodiff's gradients of x @ kernel (token
+  axes of any rank, bf16 too), and on this backend the compiled backward holds no
+  transposed [F, tokens] copy of the incoming gradient, which autodiff's version makes."""
+  from pupujepa_jax.models import transformer
+  keys = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(keys[0], (3, 40, 24), dtype)
+  kernel = jax.random.normal(keys[1], (24, 56), dtype)
+  probe = jax.random.normal(keys[2], (3, 40, 56), dtype)
+
+  def loss(matmul, x, kernel):
+    return jnp.sum(jnp.tanh(matmul(x, kernel)).astype(jnp.float32) * probe)
+
+  ours = jax.jit(jax.grad(functools.partial(loss, transformer.matmul), argnums=(0, 1)))
+  autodiff = jax.jit(jax.grad(functools.partial(loss, jnp.dot), argnums=(0, 1)))
+  for got, want in zip(ours(x, kernel), autodiff(x, kernel)):
+    assert got.dtype == want.dtype == dtype and got.shape == want.shape
+    tol = 1e-4 if dtype == jnp.float32 else 5e-2
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                               rtol=tol, atol=tol * float(jnp.abs(want).max()))
+
+  def transposed_copies(fn):
+    hlo = fn.lower(x, kernel).compile().as_text()
+    return [shape for shape in ("[56,120]", "[56,3,40]") if shape in hlo]
+
+  assert transposed_copies(ours) == []
+  if jax.default_backend() == "cpu" and dtype == jnp.float32:
+    assert transposed_copies(autodiff)  # what it avoids

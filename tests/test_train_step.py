@@ -286,10 +286,33 @@ def test_remat_gives_the_loss_and_gradients_of_no_remat(remat):
   def program(c):
     return str(jax.make_jaxpr(lambda p: objectives.latent_loss(*train_step.predict_and_target(
         c, p, state["teacher"], spectrogram, masks, dropout_rng), c.loss))(state["params"]))
-  policy = {"dots": "policy=DotsSaveable", "full": "policy=<function nothing_saveable"}
   jaxpr = program(cfg)
-  assert "remat" in jaxpr and policy[remat] in jaxpr
-  assert "remat" not in program(base)
+  assert "remat" in jaxpr and "remat" not in program(base)
+  # ... and its policy holds: "dots" recomputes none of the Linears' matmuls (dots without
+  # batch axes; the attention's batched ones it may) in the backward pass, "full" all.
+  def linear_dots_in_gradient(c):
+    return _batchless_dots(jax.make_jaxpr(jax.grad(lambda p: objectives.latent_loss(
+        *train_step.predict_and_target(c, p, state["teacher"], spectrogram, masks,
+                                       dropout_rng), c.loss)))(state["params"]).jaxpr)
+  no_remat = linear_dots_in_gradient(base)
+  if remat == "dots":
+    assert linear_dots_in_gradient(cfg) == no_remat
+  else:
+    assert linear_dots_in_gradient(cfg) > no_remat
+
+
+def _batchless_dots(jaxpr) -> int:
+  """dot_general equations without batch axes in a jaxpr and every jaxpr inside it."""
+  count = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      count += eqn.params["dimension_numbers"][1] == ((), ())
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+        if hasattr(sub, "eqns"):
+          count += _batchless_dots(sub)
+  return count
 
 
 def test_step_keeps_the_teacher_sharded_like_the_student():
