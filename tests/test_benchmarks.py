@@ -124,3 +124,49 @@ def test_side_by_side_preloads_the_block_cache_in_ours_only():
   assert result["jax"]["cpu_block_cache"] is True
   assert result["torch"]["cpu_block_cache"] is False
   assert result["step_time_ratio_jax_over_torch"] > 0
+
+
+def _step_profile():
+  """benchmarks/step_profile.py as a module."""
+  spec = importlib.util.spec_from_file_location(
+      "step_profile", REPO / "benchmarks" / "step_profile.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_step_profile_gives_each_instant_to_the_first_class_running():
+  """Overlaps go to the earlier class (matmuls before elementwise), an operation run more
+  than once is a loop body, and gaps are `untraced`."""
+  profile = _step_profile()
+  kinds = {"dot.1": "matmuls", "fusion.2": "elementwise", "fusion.3": "elementwise"}
+  second = 1e6  # trace times are in microseconds
+  events = [{"name": "dot.1", "ts": 0, "dur": 10 * second},
+            {"name": "fusion.2", "ts": 5 * second, "dur": 15 * second},
+            {"name": "fusion.3", "ts": 25 * second, "dur": 5 * second},
+            {"name": "fusion.3", "ts": 32 * second, "dur": 3 * second}]
+  seconds, span = profile.wall_time_by_class(events, kinds)
+  assert span == 35
+  assert seconds == {"loops": 8, "matmuls": 10, "elementwise": 10, "copies": 0, "other": 0,
+                     "untraced": 7}
+
+
+@pytest.mark.slow
+def test_step_profile_accounts_for_the_traced_demo_step():
+  """On the demo model the classes add up to the traced span, its blockwise attention
+  shows as loops, and the top operations are the compiled step's, with their JAX source."""
+  out = subprocess.run(
+      [sys.executable, str(REPO / "benchmarks" / "step_profile.py"),
+       "--config", "experiments/cpu_demo.py", "--top", "5"],
+      capture_output=True, text=True, timeout=600, cwd=REPO,
+      env=dict(os.environ, JAX_NUM_CPU_DEVICES="1", XLA_FLAGS=""))
+  assert out.returncode == 0, out.stderr[-3000:]
+  result = json.loads(out.stdout[out.stdout.index("{"):])
+  seconds = result["seconds"]
+  assert min(seconds.values()) >= 0
+  assert abs(sum(seconds.values()) - result["traced_span_s"]) <= 0.01
+  assert seconds["matmuls"] > 0 and seconds["loops"] > 0
+  assert 0 < result["traced_span_s"] <= result["step_s"]
+  top = result["top_operations"]
+  assert len(top) == 5 and all(op["class"] in seconds for op in top)
+  assert any(op["source"].startswith("jit(pretrain_step)") for op in top)
