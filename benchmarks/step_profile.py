@@ -9,10 +9,10 @@ on GPUs the trace's device rows need their own reading).
 The step (`train_step.pretrain_step`, jitted, as `benchmarks/train_step.py` builds it)
 runs once to warm up and once under `jax.profiler`. Every XLA operation the trace shows
 is classed from the compiled program: `matmuls` (dots, convolutions and XLA:CPU's
-YNNPACK fusions, which are mostly dots and the work fused into them), `copies` (copies and transposes, fused or not), `elementwise` (the other fusions),
-`other`;
-operations that ran more than once in the step are loop bodies (the blockwise attention's
-query and key blocks; the scanned blocks where blocks are scanned) and count as `loops`.
+YNNPACK fusions, which are mostly dots and the work fused into them), `copies` (copies
+and transposes, fused or not), `elementwise` (the other fusions) and `other`. Operations
+that ran more than once in the step are loop bodies (the blockwise attention's query and
+key blocks; the scanned blocks where blocks are scanned) and count as `loops`.
 The step's span is then swept once: each instant goes to the first class running then
 (loops, matmuls, elementwise, copies, other), or to `untraced` when no traced operation
 runs (Eigen's own dots run as thread-pool tasks the trace does not name, and dispatch).

@@ -281,19 +281,17 @@ def test_remat_gives_the_loss_and_gradients_of_no_remat(remat):
                                    jax.random.fold_in(dropout_rng, 1))
   last = lambda g: jax.tree.map(lambda x: np.asarray(x)[-1], g["student"]["blocks"])
   assert ref.max_abs_diff(last(grads2), last(grads0)) > 1e-4
-  # ... and remat is really applied, with its policy: the forward program holds `remat`
-  # equations with the policy's name, and none without remat.
-  def program(c):
-    return str(jax.make_jaxpr(lambda p: objectives.latent_loss(*train_step.predict_and_target(
-        c, p, state["teacher"], spectrogram, masks, dropout_rng), c.loss))(state["params"]))
-  jaxpr = program(cfg)
-  assert "remat" in jaxpr and "remat" not in program(base)
+  # ... and remat is really applied: the forward program holds `remat` equations, and
+  # none without remat.
+  def loss(c):
+    return lambda p: objectives.latent_loss(*train_step.predict_and_target(
+        c, p, state["teacher"], spectrogram, masks, dropout_rng), c.loss)
+  program = lambda c: str(jax.make_jaxpr(loss(c))(state["params"]))
+  assert "remat" in program(cfg) and "remat" not in program(base)
   # ... and its policy holds: "dots" recomputes none of the Linears' matmuls (dots without
   # batch axes; the attention's batched ones it may) in the backward pass, "full" all.
   def linear_dots_in_gradient(c):
-    return _batchless_dots(jax.make_jaxpr(jax.grad(lambda p: objectives.latent_loss(
-        *train_step.predict_and_target(c, p, state["teacher"], spectrogram, masks,
-                                       dropout_rng), c.loss)))(state["params"]).jaxpr)
+    return _batchless_dots(jax.make_jaxpr(jax.grad(loss(c)))(state["params"]).jaxpr)
   no_remat = linear_dots_in_gradient(base)
   if remat == "dots":
     assert linear_dots_in_gradient(cfg) == no_remat
