@@ -14,9 +14,18 @@ JAX's CPU computations synchronously (`configure_jax`): with asynchronous dispat
 allocates the next step's block before it frees the last one, so two blocks would stay
 mapped. PUPUJEPA_BLOCK_CACHE=0 turns it off; library users preload it themselves
 (`library()` builds it and gives its path) and call `configure_jax()`.
+
+The other half of the host allocator's business is memory glibc keeps after it is freed:
+compiling the step (XLA and LLVM on several threads, each with its own malloc arena)
+frees about 0.8 GB that glibc keeps in its arenas, resident, while the step's
+temporaries come from fresh mappings beside it. `release_freed_heap()` hands it back to
+the kernel; the trainer calls it between compiling the step and running it (released
+tiny's peak RSS: 8.18 GB without, 7.35 GB with).
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import importlib.metadata
 import os
@@ -143,3 +152,14 @@ def configure_jax() -> None:
   if active():
     import jax
     jax.config.update("jax_cpu_enable_async_dispatch", False)
+
+
+def release_freed_heap() -> bool:
+  """Returns the memory glibc's malloc holds free (in every thread's arena) to the kernel
+  (`malloc_trim(0)`): call it after a burst of freeing, such as compiling. False where
+  there is no glibc (other allocators return memory by themselves or not at all)."""
+  if not glibc_linux():
+    return False
+  libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+  libc.malloc_trim(0)
+  return True

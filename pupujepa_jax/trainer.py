@@ -42,7 +42,7 @@ import warnings
 import jax
 import numpy as np
 
-from pupujepa_jax import checkpointing, metrics as metrics_lib, sharding, train_step
+from pupujepa_jax import block_cache, checkpointing, metrics as metrics_lib, sharding, train_step
 from pupujepa_jax import config as config_lib
 from pupujepa_jax import workdir as workdir_lib
 from pupujepa_jax import xla_flags
@@ -180,6 +180,7 @@ def _train(cfg, workdir: pathlib.Path, stop_after, progress, cleanup) -> TrainRe
   cleanup.callback(writer.close)
   tokens_per_example = int(np.prod(config_lib.grid_shape(cfg)))
   pending, last, step = [], {}, start
+  compiled_step = None
   # The checkpoint whose own loss is still to be seen (see "Good checkpoints") and its
   # health; the last good checkpoint.
   unconfirmed = (resumed_from, reference) if resumed_from is not None else None
@@ -254,10 +255,14 @@ def _train(cfg, workdir: pathlib.Path, stop_after, progress, cleanup) -> TrainRe
   with _StopSignal() as stop:
     while step < end and not stop.received:
       batch = sharding.global_batch(next(iterator), mesh)
-      state, step_metrics = step_fn(state, batch)
+      if compiled_step is None:  # compiled ahead, so the compiler's garbage goes first
+        compiled_step = step_fn.lower(state, batch).compile()
+        block_cache.release_freed_heap()
+      state, step_metrics = compiled_step(state, batch)
       step += 1
       if monitor is not None and step % cfg.monitor.every == 0:
         step_metrics = {**step_metrics, **monitor.evaluate(state["params"], state["teacher"])}
+        block_cache.release_freed_heap()  # its first call compiles, as the step's did
       pending.append((step - 1, step_metrics))
       if step % cfg.log_every == 0:
         flush()

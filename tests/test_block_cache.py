@@ -197,6 +197,45 @@ def test_a_jitted_step_reuses_its_temporaries_with_the_same_results(library):
   assert cached["peak_rss"] < 1.15 * plain["peak_rss"]
 
 
+FREED_HEAP = """
+  import ctypes, json, threading
+  from pupujepa_jax import block_cache
+  libc = ctypes.CDLL("libc.so.6")
+  libc.malloc.restype = ctypes.c_void_p
+  libc.malloc.argtypes = [ctypes.c_size_t]
+  libc.free.argtypes = [ctypes.c_void_p]
+
+  def resident_mb():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / (1 << 20)
+
+  out = {}
+  def compile_like():  # many small blocks on a worker thread (its own arena), most freed
+    chunks = [libc.malloc(64 << 10) for _ in range(4096)]  # 256 MiB
+    for c in chunks:
+      ctypes.memset(c, 1, 64 << 10)
+    out["filled"] = resident_mb()
+    for i, c in enumerate(chunks):
+      if i % 64:  # every 64th stays live, as long-lived objects among a compiler's garbage
+        libc.free(c)
+  worker = threading.Thread(target=compile_like)
+  worker.start(); worker.join()
+  out["freed"] = resident_mb()
+  out["released"] = block_cache.release_freed_heap()
+  out["after_release"] = resident_mb()
+  print(json.dumps(out))
+"""
+
+
+def test_freed_heap_is_held_by_glibc_until_released():
+  """Memory a worker thread frees among live blocks stays resident under glibc (what
+  compiling the step leaves behind) until `release_freed_heap` returns it."""
+  result = _run(FREED_HEAP, {})
+  freed_mb = 256 * 63 / 64
+  assert result["released"]
+  assert result["filled"] - result["freed"] < 0.1 * freed_mb  # glibc kept it all
+  assert result["freed"] - result["after_release"] > 0.8 * freed_mb
+
+
 REEXEC = """
   import json, os, sys
   from pupujepa_jax import block_cache

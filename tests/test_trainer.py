@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from pupujepa_jax import checkpointing, cli, metrics, sharding, train_step, trainer
+from pupujepa_jax import block_cache, checkpointing, cli, metrics, sharding, train_step, trainer
 from pupujepa_jax import config as config_lib
 from pupujepa_jax import workdir as workdir_lib
 from tests.test_checkpointing import flip_bytes
@@ -71,8 +71,13 @@ def _losses(workdir):
 def uninterrupted(tone_folder, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("uninterrupted")
   cfg = _config(tone_folder, total_steps=STEPS)
-  result = trainer.train(cfg, workdir, progress=False)
+  releases = []
+  release = block_cache.release_freed_heap
+  with pytest.MonkeyPatch.context() as patch:  # the real one, counted
+    patch.setattr(block_cache, "release_freed_heap", lambda: releases.append(release()))
+    result = trainer.train(cfg, workdir, progress=False)
   assert result.final_step == STEPS
+  assert releases == [True]  # once, between compiling the step and running it
   return workdir
 
 
