@@ -18,8 +18,9 @@ the ratio. `--env KEY=VALUE` sets a variable in both sides' processes from their
 (settings read once at process start, such as glibc's malloc tunables); `--block_cache`
 preloads `pupujepa_jax/native/block_cache.c` in ours, as `pupujepa train` and the demo
 run on CPUs (`pupujepa_jax.block_cache`), and leaves PyTorch's side as its users run it.
-Each side also reports its kernel CPU time and minor page faults per step, and whether
-the block cache was preloaded. FLOPs are analytic
+Ours returns the compiler's freed heap to the kernel before its first step, as the
+trainer does (`block_cache.release_freed_heap`). Each side also reports its kernel CPU
+time and minor page faults per step, and whether the block cache was preloaded. FLOPs are analytic
 (`pupujepa_jax.models.flops`: the matmuls and attention that a step needs, no
 recomputation), so MFU measures useful work; XLA's own count is printed beside it (it
 counts each while-loop body once: the scanned blocks and the blockwise attention loops
