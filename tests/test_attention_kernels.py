@@ -9,11 +9,13 @@ real Pallas TPU kernel run in Pallas' interpret mode on the CPU.
 import functools
 
 import jax
+from jax._src.interpreters import partial_eval  # dce_jaxpr: not public
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from pupujepa_jax.models import attention
+from pupujepa_jax.models.transformer import REMAT_POLICIES
 
 
 def _qkv(n_q, n_k, heads=2, dim=16, batch=2, seed=0, dtype=jnp.float32):
@@ -89,6 +91,53 @@ def test_splash_kernel_in_interpret_mode_matches_reference():
   for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b),
                                atol=2e-5 * float(jnp.abs(b).max()), rtol=0, err_msg=name)
+
+
+def _kernel_calls(jaxpr) -> int:
+  """dot_general and pallas_call equations in a jaxpr and every jaxpr inside it."""
+  count = 0
+  for eqn in jaxpr.eqns:
+    count += eqn.primitive.name in ("dot_general", "pallas_call")
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+        if hasattr(sub, "eqns"):
+          count += _kernel_calls(sub)
+  return count
+
+
+@pytest.mark.parametrize("kernel", [
+    functools.partial(attention.blockwise_attention, heads_per_step=None),
+    functools.partial(attention.blockwise_attention, heads_per_step=1),  # inside lax.map
+    functools.partial(attention.splash_attention, interpret=True),
+    # cuDNN's kernel needs a GPU; the wrapper that names its residuals takes any kernel,
+    # here the reference, whose batched dots the dots policy would recompute.
+    attention.saving_residuals(attention.reference_attention),
+], ids=["blockwise", "blockwise_head_loop", "splash", "saving_residuals"])
+def test_remat_dots_keeps_the_kernels_residuals(kernel):
+  """Under remat's dots policy the gradient runs the kernel's forward once, as without
+  remat (what its backward needs is saved by name); under "full" it runs it again."""
+  q, k, v, _ = _qkv(130, 130, dim=64, batch=1)
+  loss = lambda q, k, v: jnp.sum(jnp.tanh(kernel(q * 2.0, k, v)))
+
+  def calls(policy):
+    fn = loss if policy is None else jax.checkpoint(loss, policy=REMAT_POLICIES[policy])
+    jaxpr = jax.make_jaxpr(jax.value_and_grad(fn, argnums=(0, 1, 2)))(q, k, v).jaxpr
+    # Without dead code, as XLA compiles it: splash's recomputed forward stays in the
+    # traced program (unused: its outputs are saved) until eliminated.
+    live, _ = partial_eval.dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars))
+    return _kernel_calls(live)
+  assert calls("dots") == calls(None)
+  assert calls("full") > calls(None)
+
+
+def test_saving_residuals_keeps_the_kernels_numbers():
+  """The wrapper that names a kernel's residuals (cuDNN's, on GPUs) changes no number."""
+  q, k, v, cot = _qkv(130, 97, dim=64)
+  wrapped = _value_and_grads(attention.saving_residuals(attention.reference_attention),
+                             q, k, v, cot)
+  for got, want in zip(wrapped, _value_and_grads(attention.reference_attention, q, k, v, cot)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 @pytest.mark.parametrize("requested,platform,dtype,head_dim,want,reason", [

@@ -20,6 +20,12 @@ config's `attention` field) is one of:
   one with the reason logged once (`resolve_kernel`).
 
 `attention_weights` gives the softmax probabilities of q and k for pictures.
+
+Under remat's `dots` policy the custom kernels keep what their backward passes need
+(named RESIDUALS): a custom backward hides the kernel's inside from the policy, which
+would otherwise run the whole attention forward again in the backward pass. The
+blockwise and splash kernels name their outputs and log-sum-exps; cuDNN's names nothing,
+so `saving_residuals` names every residual of its backward from outside.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ import functools
 import logging
 
 import jax
+from jax import ad_checkpoint
 import jax.numpy as jnp
 import numpy as np
 
@@ -45,6 +52,7 @@ BLOCK_ELEMENTS = 1 << 20
 SPLASH_BLOCK = 128
 CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 _NEG = -1e30  # logit of a padded key: exp() underflows to exactly 0
+RESIDUALS = "attention_residuals"  # the kernels' saved outputs and log-sum-exps, for remat
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +112,30 @@ def dot_product_attention(q, k, v, kernel: str = "auto"):
   if chosen == "blockwise":
     return blockwise_attention(q, k, v)
   if chosen == "cudnn":
-    return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+    return saving_residuals(cudnn_attention)(q, k, v)
   return splash_attention(q, k, v)
+
+
+def cudnn_attention(q, k, v):
+  return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+
+
+def saving_residuals(attention_fn):
+  """`attention_fn` with its output and every residual its backward pass keeps named
+  RESIDUALS, so remat's dots policy saves them (for kernels that do not name their own)."""
+  @jax.custom_vjp
+  def attend(q, k, v):
+    return attention_fn(q, k, v)
+
+  def forward(q, k, v):
+    # `backward` is a pytree whose leaves are the residuals; the output is named too, or
+    # the policy would recompute it (and so the kernel) for whatever follows.
+    out, backward = jax.vjp(attention_fn, q, k, v)
+    return jax.tree.map(lambda x: ad_checkpoint.checkpoint_name(x, RESIDUALS),
+                        (out, backward))
+
+  attend.defvjp(forward, lambda backward, d_out: backward(d_out))
+  return attend
 
 
 # --------------------------------------------------------------------------- blockwise
@@ -248,6 +278,7 @@ def _flash(q, k, v, block_q, block_k):
 
 def _flash_fwd_rule(q, k, v, block_q, block_k):
   out, lse = _flash_forward(q, k, v, block_q, block_k)
+  out, lse = (ad_checkpoint.checkpoint_name(x, RESIDUALS) for x in (out, lse))
   return out, (q, k, v, out, lse)
 
 
@@ -300,7 +331,7 @@ def splash_attention(q, k, v, interpret: bool = False):
                             block_q_dkv=SPLASH_BLOCK, block_kv_dkv=SPLASH_BLOCK,
                             block_q_dq=SPLASH_BLOCK, block_kv_dq=SPLASH_BLOCK)
   kernel = splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
-                                  interpret=interpret)
+                                  interpret=interpret, residual_checkpoint_name=RESIDUALS)
   segments = splash.SegmentIds(q=jnp.zeros(length, jnp.int32),
                                kv=(jnp.arange(length) >= n_k).astype(jnp.int32))
 

@@ -44,12 +44,14 @@ MATMUL = "matmul"  # the name every Linear's output carries for remat policies (
 # "none" keeps every activation; "dots" keeps the matmul outputs and recomputes the cheap
 # elementwise work (norms, activations, rotary, softmax); "full" keeps only block inputs.
 # The Linears' dots sit inside `matmul`'s custom_vjp, where the dots policy cannot see
-# them, so their outputs are saved by name.
+# them, so their outputs are saved by name; so are the attention kernels' residuals
+# (`attention.RESIDUALS`: output and log-sum-exp), else their forward would run again.
 REMAT_POLICIES = {
     "none": None,
     "dots": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-        jax.checkpoint_policies.save_only_these_names(MATMUL)),
+        jax.checkpoint_policies.save_only_these_names(MATMUL,
+                                                      attention_lib.RESIDUALS)),
     "full": jax.checkpoint_policies.nothing_saveable,
 }
 
