@@ -117,6 +117,7 @@ def dot_product_attention(q, k, v, kernel: str = "auto"):
 
 
 def cudnn_attention(q, k, v):
+  """cuDNN's fused flash attention (NVIDIA GPUs, bf16/fp16 inputs; see module docstring)."""
   return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
 
 
