@@ -25,7 +25,6 @@ tiny's peak RSS: 8.18 GB without, 7.35 GB with).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import hashlib
 import importlib.metadata
 import os
@@ -160,6 +159,5 @@ def release_freed_heap() -> bool:
   there is no glibc (other allocators return memory by themselves or not at all)."""
   if not glibc_linux():
     return False
-  libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-  libc.malloc_trim(0)
+  ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc's soname (find_library would fork)
   return True
