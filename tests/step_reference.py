@@ -4,7 +4,8 @@
 here the same quantities are assembled piece by piece from the modules, with NumPy
 indexing for the gathers, one example at a time for the targets-only teacher, the full
 grid through `models.encode` (the released embedding) for the I-JEPA teacher, and the
-targets held as NumPy constants, so that no gradient can reach them.
+targets held as NumPy constants, so that no gradient can reach them. Also small helpers
+the step tests share (`equations`: every equation of a traced program, for counting).
 """
 import functools
 
@@ -141,3 +142,14 @@ def feature_std(features):
 def max_abs_diff(a, b):
   return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def equations(jaxpr):
+  """Every equation of a jaxpr and of the jaxprs inside it (loops, remat, custom rules)."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+        if hasattr(sub, "eqns"):
+          yield from equations(sub)

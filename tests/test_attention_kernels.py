@@ -16,6 +16,7 @@ import pytest
 
 from pupujepa_jax.models import attention
 from pupujepa_jax.models.transformer import REMAT_POLICIES
+from tests import step_reference as ref
 
 
 def _qkv(n_q, n_k, heads=2, dim=16, batch=2, seed=0, dtype=jnp.float32):
@@ -93,19 +94,6 @@ def test_splash_kernel_in_interpret_mode_matches_reference():
                                atol=2e-5 * float(jnp.abs(b).max()), rtol=0, err_msg=name)
 
 
-def _kernel_calls(jaxpr) -> int:
-  """dot_general and pallas_call equations in a jaxpr and every jaxpr inside it."""
-  count = 0
-  for eqn in jaxpr.eqns:
-    count += eqn.primitive.name in ("dot_general", "pallas_call")
-    for value in eqn.params.values():
-      for sub in value if isinstance(value, (tuple, list)) else (value,):
-        sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
-        if hasattr(sub, "eqns"):
-          count += _kernel_calls(sub)
-  return count
-
-
 @pytest.mark.parametrize("kernel", [
     functools.partial(attention.blockwise_attention, heads_per_step=None),
     functools.partial(attention.blockwise_attention, heads_per_step=1),  # inside lax.map
@@ -126,7 +114,8 @@ def test_remat_dots_keeps_the_kernels_residuals(kernel):
     # Without dead code, as XLA compiles it: splash's recomputed forward stays in the
     # traced program (unused: its outputs are saved) until eliminated.
     live, _ = partial_eval.dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars))
-    return _kernel_calls(live)
+    return sum(eqn.primitive.name in ("dot_general", "pallas_call")
+               for eqn in ref.equations(live))
   assert calls("dots") == calls(None)
   assert calls("full") > calls(None)
 
