@@ -6,7 +6,7 @@ on GPUs the trace's device rows need their own reading).
   python benchmarks/step_profile.py                        # released tiny, batch 8
   python benchmarks/step_profile.py --config experiments/cpu_demo.py
 
-The step (`train_step.pretrain_step`, jitted, as `benchmarks/train_step.py` builds it)
+The step (`train_step.pretrain_step`, jitted, as `benchmarks/train_step.py` compiles it)
 runs once to warm up and once under `jax.profiler`. Every XLA operation the trace shows
 is classed from the compiled program: `matmuls` (dots, convolutions and XLA:CPU's
 YNNPACK fusions, which are mostly dots and the work fused into them), `copies` (copies
@@ -97,18 +97,14 @@ def main():
   parser.add_argument("--top", type=int, default=10, help="also list this many operations")
   args, overrides = parser.parse_known_args()
   import jax
-  import numpy as np
 
   from pupujepa_jax import config as config_lib, sharding, train_step
   cfg = step_benchmark.load_config(args.config, overrides)
   config_lib.validate(cfg, jax.device_count())
   mesh = sharding.mesh_from_config(cfg)
   state = train_step.create_sharded_state(cfg, mesh)
+  batch, _, compiled, _ = step_benchmark.compile_step(cfg, mesh, state)
   b = cfg.data.batch_size
-  spectrogram = np.random.default_rng(0).standard_normal(
-      (b, cfg.model.crop_frames, cfg.frontend.n_mels)).astype(np.float32)
-  batch = sharding.global_batch({"spectrogram": spectrogram}, mesh)
-  compiled = train_step.make_train_step(cfg, mesh).lower(state, batch).compile()
   kinds, sources = operation_kinds(compiled.as_text())
   state, metrics = compiled(state, batch)
   jax.block_until_ready(metrics)

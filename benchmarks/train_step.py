@@ -145,33 +145,44 @@ def fit_batch(batch: int, lower, limit: int | None, multiple: int, fraction: flo
     batch //= 2
 
 
-def run_jax(cfg, steps: int, inputs: str) -> dict:
+def compile_step(cfg, mesh, state, inputs: str = "spectrogram"):
+  """The jitted train step compiled for `cfg` at the largest batch up to cfg's that fits
+  the device (cfg.data.batch_size is set to it), and a random batch to run it on; the
+  compiler's freed heap is returned before it runs, as the trainer does.
+  -> (batch, lowered, compiled, bytes the step needs)."""
   import jax
   import numpy as np
 
   from pupujepa_jax import config as config_lib, sharding, train_step
-  config_lib.validate(cfg, jax.device_count())
-  mesh = sharding.mesh_from_config(cfg)
-  state = train_step.create_sharded_state(cfg, mesh)
   step_fn = train_step.make_train_step(cfg, mesh)
-  rng = np.random.default_rng(0)
   if inputs == "audio":
     example = (config_lib.frontend(cfg).samples_for_frames(cfg.model.crop_frames),)
   else:
     example = (cfg.model.crop_frames, cfg.frontend.n_mels)
   key = "audio" if inputs == "audio" else "spectrogram"
-
-  requested = cfg.data.batch_size
-  start = time.perf_counter()
   limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
-  b, lowered, compiled, needed = fit_batch(requested, lambda b: step_fn.lower(
+  b, lowered, compiled, needed = fit_batch(cfg.data.batch_size, lambda b: step_fn.lower(
       state, {key: jax.ShapeDtypeStruct((b, *example), np.float32)}), limit,
       jax.device_count())
-  cfg.data.batch_size = b  # the FLOPs and examples/s below are per this batch
-  block_cache.release_freed_heap()  # as the trainer does between compiling and stepping
+  cfg.data.batch_size = b  # the FLOPs and examples/s reported are per this batch
+  block_cache.release_freed_heap()
   scale = 0.1 if inputs == "audio" else 1.0
-  local = {key: (scale * rng.standard_normal((b, *example))).astype(np.float32)}
-  batch = sharding.global_batch(local, mesh)
+  local = {key: (scale * np.random.default_rng(0).standard_normal((b, *example))
+                 ).astype(np.float32)}
+  return sharding.global_batch(local, mesh), lowered, compiled, needed
+
+
+def run_jax(cfg, steps: int, inputs: str) -> dict:
+  import jax
+
+  from pupujepa_jax import config as config_lib, sharding, train_step
+  config_lib.validate(cfg, jax.device_count())
+  mesh = sharding.mesh_from_config(cfg)
+  state = train_step.create_sharded_state(cfg, mesh)
+  requested = cfg.data.batch_size
+  start = time.perf_counter()
+  batch, lowered, compiled, needed = compile_step(cfg, mesh, state, inputs)
+  b = cfg.data.batch_size
   state, metrics = compiled(state, batch)
   jax.block_until_ready(metrics)
   first = time.perf_counter() - start
